@@ -1,0 +1,296 @@
+"""The specification, as tests: run `python -m pytest -q test_all.py`.
+
+CPU tests exercise the reference path; the kernel tests run where CUDA and mamba-ssm are present
+and skip with the reason elsewhere.
+"""
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as evaluation
+from hybrid import Attention, ModelConfig, MambaLM, Seq2Seq, build_model
+from mqar import (IGNORE, KEY_HI, KEY_LO, SEP, TEST, TRAIN, VAL_HI, VAL_LO, MQARConfig, batch_seed,
+                  make_batch)
+from ssm import (Mamba1, Mamba2, kernels, mamba_block, selective_scan_reference, ssd_reference)
+from train import TrainConfig, configure_optimizer, train
+
+torch.set_num_threads(2)
+SMALL = ModelConfig(d_model=32, d_state=8, encoder_layers=2, decoder_layers=3, hybrid="0,2", n_heads=2,
+                    dropout=0.0)
+ROOT = Path(__file__).parent
+
+
+# ---- reference scans against the recurrence, step by step, in float64
+
+def recurrence(x, dt, A, B, C):
+    """h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t . h_t, one step at a time.
+    x, dt (b, L, c); A (c, N) or (c, 1); B, C (b, L, N) -> y (b, L, c)."""
+    h = torch.zeros(x.shape[0], x.shape[2], B.shape[-1], dtype=x.dtype)
+    ys = []
+    for t in range(x.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, dim=1)
+
+
+@pytest.mark.parametrize("L", [1, 37, 130])  # shorter than, equal-ish to, and over two chunks
+def test_ssd_reference_matches_recurrence(L):
+    g = torch.Generator().manual_seed(L)
+    b, H, P, N = 2, 3, 4, 5
+    x = torch.randn(b, L, H, P, generator=g, dtype=torch.float64)
+    dt = torch.rand(b, L, H, generator=g, dtype=torch.float64)
+    A = -torch.rand(H, generator=g, dtype=torch.float64) * 8
+    B, C = (torch.randn(b, L, N, generator=g, dtype=torch.float64) for _ in range(2))
+    y = ssd_reference(x, dt, A, B, C)
+    # Mamba2 is Mamba1 with one A per head, shared by that head's P channels.
+    expected = recurrence(x.flatten(2), dt.repeat_interleave(P, dim=2), A.repeat_interleave(P)[:, None], B, C)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y.flatten(2), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("L", [1, 37, 130])
+def test_selective_scan_reference_matches_recurrence(L):
+    g = torch.Generator().manual_seed(L)
+    b, E, N = 2, 6, 5
+    u = torch.randn(b, L, E, generator=g, dtype=torch.float64)
+    dt = torch.rand(b, L, E, generator=g, dtype=torch.float64)
+    A = -torch.rand(E, N, generator=g, dtype=torch.float64) * 8
+    B, C = (torch.randn(b, L, N, generator=g, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(selective_scan_reference(u, dt, A, B, C), recurrence(u, dt, A, B, C),
+                               rtol=1e-10, atol=1e-10)
+
+
+# ---- causality: a change at position t may only move outputs at t and later
+
+def assert_causal(fn, tokens, t):
+    """fn maps tokens (B, L) to outputs (B, L, ...); change tokens after t, outputs up to t must stay."""
+    changed = tokens.clone()
+    changed[:, t + 1:] = torch.randint(KEY_LO, KEY_HI, changed[:, t + 1:].shape)
+    before, after = fn(tokens), fn(changed)
+    torch.testing.assert_close(before[:, :t + 1], after[:, :t + 1], rtol=0, atol=1e-5)
+    assert not torch.allclose(before[:, t + 1:], after[:, t + 1:], atol=1e-4), "the change did not reach later outputs"
+
+
+@pytest.mark.parametrize("ssm", ["mamba2", "mamba1"])
+def test_decoder_mamba_block_is_causal(ssm):
+    torch.manual_seed(0)
+    block = mamba_block(ssm, 32, 8, "reference", dropout=0.0)
+    embed = torch.nn.Embedding(KEY_HI, 32)
+    assert_causal(lambda tok: block(embed(tok)), torch.randint(KEY_LO, KEY_HI, (2, 20)), t=9)
+
+
+@pytest.mark.parametrize("ssm", ["mamba2", "mamba1"])
+def test_hybrid_decoder_is_causal(ssm):
+    torch.manual_seed(0)
+    model = Seq2Seq(dataclasses.replace(SMALL, ssm=ssm)).eval()
+    src = torch.randint(KEY_LO, KEY_HI, (2, 14))
+    assert_causal(lambda tgt: model(src, tgt), torch.randint(KEY_LO, KEY_HI, (2, 12)), t=5)
+
+
+def test_decoder_only_model_is_causal():
+    torch.manual_seed(0)
+    model = MambaLM(SMALL).eval()
+    assert_causal(model, torch.randint(KEY_LO, KEY_HI, (2, 30)), t=17)
+
+
+def test_encoder_is_bidirectional():
+    torch.manual_seed(0)
+    model = Seq2Seq(SMALL).eval()
+    src = torch.randint(KEY_LO, KEY_HI, (2, 14))
+    later = src.clone()
+    later[:, -1] = (later[:, -1] + 1 - KEY_LO) % (KEY_HI - KEY_LO) + KEY_LO
+    x, y = model.encoder(model.embed(src)), model.encoder(model.embed(later))
+    assert not torch.allclose(x[:, 0], y[:, 0]), "the first encoder output did not hear the last token"
+
+
+# ---- the task
+
+@pytest.mark.parametrize("mode", ["seq2seq", "decoder_only"])
+def test_mqar_labels_are_the_values_of_their_keys(mode):
+    cfg = MQARConfig(num_pairs=20, num_queries=7, mode=mode)
+    batch = make_batch(cfg, 16, TRAIN, seed=3, step=5)
+    src = batch.inputs[0][:, :3 * 20 + 2]  # the context comes first in both layouts
+    queries = batch.inputs[-1][:, -7:]
+    keys, seps, values = src[:, 1:-1:3], src[:, 2:-1:3], src[:, 3:-1:3]  # (B, N) each
+    assert (seps == SEP).all()
+    assert ((KEY_LO <= keys) & (keys < KEY_HI)).all() and ((VAL_LO <= values) & (values < VAL_HI)).all()
+    for b in range(16):
+        assert len(set(keys[b].tolist())) == 20, "keys must be distinct within an example"
+        assert len(set(queries[b].tolist())) == 7, "queries must be distinct keys"
+        pairs = dict(zip(keys[b].tolist(), values[b].tolist()))
+        asked = batch.labels[b] != IGNORE
+        assert asked.sum() == 7
+        assert batch.labels[b][asked].tolist() == [pairs[q] for q in queries[b].tolist()]
+
+
+def test_mqar_batches_are_reproducible_and_splits_disjoint():
+    cfg = MQARConfig(num_pairs=16)
+    a, b = make_batch(cfg, 4, TRAIN, 0, 7, rank=1), make_batch(cfg, 4, TRAIN, 0, 7, rank=1)
+    assert torch.equal(a.inputs[0], b.inputs[0]) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.inputs[0], make_batch(cfg, 4, TRAIN, 0, 7, rank=0).inputs[0])
+    assert not torch.equal(a.inputs[0], make_batch(cfg, 4, TEST, 0, 7, rank=1).inputs[0])
+    train_seeds = {batch_seed(TRAIN, s, t, r) for s in range(4) for t in range(300) for r in range(4)}
+    test_seeds = {batch_seed(TEST, s, t, r) for s in range(4) for t in range(300) for r in range(4)}
+    assert not train_seeds & test_seeds
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_pairs=0), "--num-pairs must be in [1, 4086]"),
+    (dict(num_pairs=5000), "--num-pairs must be in [1, 4086]"),
+    (dict(num_pairs=8, num_queries=9), "--num-queries must be in [1, --num-pairs=8]"),
+])
+def test_bad_task_flags_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        MQARConfig(**kwargs).validate()
+
+
+@pytest.mark.parametrize("hybrid", ["0,4", "-1", "0,0", "a,b"])
+def test_bad_hybrid_is_named_with_decoder_layers(hybrid):
+    with pytest.raises(ValueError, match="--hybrid") as e:
+        dataclasses.replace(SMALL, decoder_layers=4, hybrid=hybrid).validate()
+    assert hybrid == "a,b" or "--decoder-layers" in str(e.value)
+
+
+def test_hybrid_flag_parses_as_typed():
+    assert dataclasses.replace(SMALL, decoder_layers=4, hybrid="0,2").hybrid_layers() == (0, 2)
+    assert dataclasses.replace(SMALL, hybrid="").hybrid_layers() == ()
+
+
+def test_cli_rejects_bad_flags_before_work(tmp_path):
+    run = subprocess.run([sys.executable, "train.py", "--num-pairs", "0", "--out-dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "error: --num-pairs must be in [1, 4086]" in run.stderr and "got 0" in run.stderr
+    assert "Traceback" not in run.stderr and not any(tmp_path.iterdir())
+
+
+# ---- the model's parameterization
+
+def test_mamba_init_survives_model_init():
+    model = Seq2Seq(dataclasses.replace(SMALL, ssm="mamba1"))
+    mixer = model.decoder.layers[1].mixer
+    assert isinstance(mixer, Mamba1)
+    torch.testing.assert_close(mixer.A_log, torch.arange(1, 9).float().log().repeat(mixer.d_inner, 1))
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
+    assert (dt >= 1e-4).all() and (dt <= 0.1 + 1e-6).all() and dt.std() > 0, "dt_proj.bias was re-initialized"
+    m2 = Seq2Seq(SMALL).decoder.layers[1].mixer
+    assert isinstance(m2, Mamba2)
+    assert ((-m2.A_log.exp() <= -1) & (-m2.A_log.exp() >= -16)).all()
+    assert torch.equal(m2.D, torch.ones_like(m2.D))
+
+
+def test_ssm_parameters_get_no_weight_decay():
+    model = Seq2Seq(SMALL)
+    decayed, exempt = configure_optimizer(model, TrainConfig(), torch.device("cpu")).param_groups
+    assert decayed["weight_decay"] == 0.01 and exempt["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt_names = {names[id(p)] for p in exempt["params"]}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    for suffix in ["A_log", "D", "dt_bias", "norm.weight"]:
+        assert any(n.endswith(suffix) for n in exempt_names)
+        assert not any(n.endswith(suffix) for n in decayed_names)
+    assert "decoder.layers.0.mamba.mixer.in_proj.weight" in decayed_names
+
+
+# ---- training end to end: a tiny model learns, checkpoints round-trip, resume continues
+
+def tiny_run(tmp_path, **overrides) -> TrainConfig:
+    defaults = dict(task=MQARConfig(num_pairs=4, num_queries=4),
+                    model=dataclasses.replace(SMALL, d_model=64, d_state=16, hybrid="0"),
+                    batch_size=32, lr=3e-3, warmup_steps=20, max_steps=300, eval_every=100, eval_batches=1,
+                    target_acc=0.95, log_every=100, compile=False, out_dir=tmp_path)
+    return TrainConfig(**{**defaults, **overrides})
+
+
+def test_tiny_hybrid_learns_mqar(tmp_path):
+    result = train(tiny_run(tmp_path))
+    assert result["acc"] >= 0.95, result
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["acc"] == result["acc"]
+
+
+def test_checkpoint_round_trip_and_resume(tmp_path):
+    cfg = tiny_run(tmp_path, max_steps=4, eval_every=2, target_acc=1.01)
+    train(cfg)
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 4 and not any(k.startswith("_orig_mod.") for k in saved["model"])
+    train_cfg, model, step = evaluation.load_checkpoint(tmp_path / "ckpt.pt", torch.device("cpu"))
+    assert train_cfg == cfg and step == 4
+    fresh = build_model(cfg.model, cfg.task.mode)
+    fresh.load_state_dict(saved["model"])
+    batch = make_batch(cfg.task, 3, TEST, 0, 0)
+    torch.testing.assert_close(model(*batch.inputs), fresh.eval()(*batch.inputs), rtol=0, atol=0)
+
+    # Resuming to step 6 must land where an uninterrupted 6-step run lands.
+    train(dataclasses.replace(cfg, max_steps=6, resume=True))
+    straight = tmp_path / "straight"
+    train(dataclasses.replace(cfg, max_steps=6, out_dir=straight))
+    resumed, direct = torch.load(tmp_path / "ckpt.pt", weights_only=True), torch.load(straight / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == direct["step"] == 6
+    for name in direct["model"]:
+        torch.testing.assert_close(resumed["model"][name], direct["model"][name], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_cli_reports_and_sweeps(tmp_path):
+    train(tiny_run(tmp_path, max_steps=2, eval_every=2))
+    out, png = tmp_path / "eval.json", tmp_path / "cliff.png"
+    run = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--num-pairs", "2,4,8",
+                          "--eval-batches", "1", "--out", str(out), "--plot", str(png)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())
+    assert [r["num_pairs"] for r in rows] == [2, 4, 8] and all(0 <= r["acc"] <= 1 for r in rows)
+    assert "| num_pairs |" in run.stdout.replace(" num_pairs ", " num_pairs ") and png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such checkpoint file"),
+    (b"PK\x03\x04 truncated", "not a readable checkpoint"),
+    ("state_dict", "not an align-mamba checkpoint"),
+])
+def test_eval_rejects_bad_checkpoints_in_one_line(tmp_path, content, message):
+    path = tmp_path / "ckpt.pt"
+    if content == "state_dict":
+        torch.save(Seq2Seq(SMALL).state_dict(), path)
+    elif content is not None:
+        path.write_bytes(content)
+    run = subprocess.run([sys.executable, "eval.py", "--ckpt", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and message in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+# ---- the attention path
+
+@pytest.mark.skipif(evaluation.torch.cuda.is_available() is False, reason="flash-attn needs CUDA")
+def test_flash_attention_matches_sdpa():
+    from hybrid import flash_attn_func
+    if flash_attn_func() is None:
+        pytest.skip("flash_attn is not installed")
+    attn = Attention(128, 2).cuda()
+    x, ctx = torch.randn(2, 9, 128, device="cuda"), torch.randn(2, 33, 128, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = attn(x, ctx)
+    flash_attn_func.cache_clear()
+    ...
+
+
+# ---- the kernel path (GPU): same parameters, same function
+
+needs_kernels = pytest.mark.skipif(not torch.cuda.is_available() or kernels() is None,
+                                   reason="needs a CUDA GPU with mamba_ssm and causal_conv1d")
+
+
+@needs_kernels
+@pytest.mark.parametrize("cls", [Mamba2, Mamba1])
+def test_kernel_matches_reference(cls):
+    torch.manual_seed(0)
+    kernel = cls(256, 64, impl="kernel").cuda()
+    reference = cls(256, 64, impl="reference").cuda()
+    reference.load_state_dict(kernel.state_dict())
+    x = torch.randn(4, 300, 256, device="cuda")
+    rel = (kernel(x) - reference(x)).norm() / reference(x).norm()
+    assert rel < 1e-3, rel

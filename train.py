@@ -1,0 +1,233 @@
+"""Train a Mamba or hybrid model on MQAR.
+
+    python train.py --num-pairs 8 --d-model 64 --d-state 16 --max-steps 600     # CPU, minutes
+    torchrun --nproc_per_node=2 train.py --num-pairs 128 --hybrid 0,2            # DDP (NCCL, or gloo on CPU)
+
+A straight script in the nanoGPT mould: config, DDP from torchrun's environment, model, optimizer,
+warm-up + cosine LR, the loop, periodic held-out evaluation, atomic checkpoints.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from hybrid import ModelConfig, build_model
+from mqar import IGNORE, TRAIN, MQARConfig, evaluate, make_batch
+from ssm import check_impl
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Train a model on multi-query associative recall (MQAR)."""
+    task: tyro.conf.OmitArgPrefixes[MQARConfig] = field(default_factory=MQARConfig)
+    model: tyro.conf.OmitArgPrefixes[ModelConfig] = field(default_factory=ModelConfig)
+    batch_size: int = 64
+    """examples per process per step (the global batch is this times the number of processes)"""
+    lr: float = 3e-3
+    """peak learning rate"""
+    warmup_steps: int = 50
+    """linear warm-up steps, then cosine decay to lr/10 at max-steps"""
+    max_steps: int = 20000
+    """optimizer steps"""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices (not on A_log, D, dt_bias, norms, biases)"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this"""
+    eval_every: int = 200
+    """steps between held-out evaluations (and checkpoints)"""
+    eval_batches: int = 4
+    """held-out batches of 256 examples per evaluation"""
+    target_acc: float = 0.99
+    """stop early once held-out per-query accuracy reaches this"""
+    log_every: int = 50
+    """steps between progress lines (the only host syncs of the loop)"""
+    seed: int = 0
+    """seeds the model init, dropout and the training batches"""
+    out_dir: Path = Path("runs/mqar")
+    """where ckpt.pt and log.jsonl go"""
+    compile: bool = torch.cuda.is_available()
+    """torch.compile the model (default: on where CUDA is)"""
+    resume: bool = False
+    """continue the run in out-dir from its ckpt.pt (same model and task flags)"""
+
+    def validate(self) -> None:
+        self.task.validate()
+        self.model.validate()
+        for flag, value in [("--batch-size", self.batch_size), ("--max-steps", self.max_steps),
+                            ("--eval-every", self.eval_every), ("--eval-batches", self.eval_batches),
+                            ("--log-every", self.log_every)]:
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError(f"--lr must be > 0 and --warmup-steps >= 0, got {self.lr}, {self.warmup_steps}")
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrainConfig":
+        """Rebuild from `dataclasses.asdict` output, as stored in a checkpoint."""
+        return TrainConfig(**{**d, "task": MQARConfig(**d["task"]), "model": ModelConfig(**d["model"]),
+                              "out_dir": Path(d["out_dir"])})
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "out_dir": str(self.out_dir)}
+
+
+def get_lr(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW with decay on 2-D+ weights only; the SSM's A_log, D and dt_bias are marked exempt
+    (`_no_weight_decay`, as in mamba-ssm): decaying A_log would drag every decay rate to one value."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
+    ids = {id(p) for p in decay}
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if id(p) not in ids], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    """Write then rename: a run killed mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training; returns the last held-out evaluation."""
+    # ---- processes and device: one process per GPU under torchrun, else a single process
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves
+    else:
+        device = torch.device("cpu")
+    check_impl(cfg.model.impl, device)
+    master = rank == 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    # ---- model, optimizer, and the state of a run being resumed
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    raw_model = build_model(cfg.model, cfg.task.mode).to(device)  # fp32 master weights
+    optimizer = configure_optimizer(raw_model, cfg, device)
+    ckpt_path, log_path = cfg.out_dir / "ckpt.pt", cfg.out_dir / "log.jsonl"
+    step, rng = 0, None
+    if cfg.resume:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = TrainConfig.from_dict(ckpt["config"])
+        if (saved.model, saved.task) != (cfg.model, cfg.task):
+            raise ValueError(f"--resume: {ckpt_path} was trained with other model/task flags: "
+                             f"{saved.model}, {saved.task}")
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        rng = ckpt["rng"][rank] if len(ckpt["rng"]) == world else None
+    if rng is None:
+        torch.manual_seed(cfg.seed * 1009 + rank + step)  # dropout differs across ranks
+    else:
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
+    if master:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"{cfg.task.mode} model, {n_params / 1e6:.2f}M parameters, {world} process(es) on {device.type}, "
+              f"compile={cfg.compile}, impl={cfg.model.impl}", flush=True)
+
+    def checkpoint(step):
+        states = [None] * world
+        if distributed:
+            dist.all_gather_object(states, rng_state(device))
+        else:
+            states = [rng_state(device)]
+        if master:
+            save_checkpoint(ckpt_path, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                            config=cfg.as_dict(), step=step, rng=states)
+
+    # ---- the loop
+    tokens_per_step = world * cfg.batch_size * sum(x.shape[1] for x in make_batch(cfg.task, 1, TRAIN, 0, 0).inputs)
+    loss_sum = torch.zeros((), device=device)
+    correct_sum = torch.zeros((), device=device)
+    queries_sum = torch.zeros((), device=device)
+    t_log, t_start, step_log = time.perf_counter(), time.perf_counter(), step
+    result = {}
+    while step < cfg.max_steps:
+        lr = get_lr(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = make_batch(cfg.task, cfg.batch_size, TRAIN, cfg.seed, step, rank, device)
+        with autocast:
+            logits = ddp_model(*batch.inputs)  # (B, L, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        with torch.no_grad():  # running sums on the device: no host sync until the log line
+            asked = batch.labels != IGNORE
+            loss_sum += loss.detach()
+            correct_sum += (logits.argmax(-1) == batch.labels)[asked].sum()
+            queries_sum += asked.sum()
+        if step % cfg.log_every == 0 and master:
+            dt = time.perf_counter() - t_log
+            n = step - step_log
+            print(f"step {step:6d} | loss {loss_sum.item() / n:.4f} | train acc {correct_sum.item() / queries_sum.item():.3f}"
+                  f" | lr {lr:.2e} | {n / dt:.2f} steps/s | {n * tokens_per_step / dt:,.0f} tok/s", flush=True)
+        if step % cfg.log_every == 0:
+            loss_sum.zero_(), correct_sum.zero_(), queries_sum.zero_()
+            t_log, step_log = time.perf_counter(), step
+
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            with autocast:
+                result = evaluate(model, cfg.task, cfg.eval_batches, device, rank, world)
+            result = {"step": step, "lr": lr, "elapsed_s": round(time.perf_counter() - t_start, 2), **result}
+            checkpoint(step)
+            if master:
+                print(f"eval step {step}: acc {result['acc']:.4f} | exact match {result['exact']:.4f}", flush=True)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(result) + "\n")
+            if result["acc"] >= cfg.target_acc:
+                if master:
+                    print(f"reached --target-acc {cfg.target_acc} at step {step}", flush=True)
+                break
+            t_log = time.perf_counter()  # evaluation time is not training throughput
+
+    if distributed:
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    config = tyro.cli(TrainConfig)
+    try:
+        config.validate()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    train(config)
