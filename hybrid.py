@@ -175,13 +175,17 @@ class LanguageModel(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def init_weights(self):
-        """Mamba's LM init (mamba-ssm `mixer_seq_simple._init_weights`): embeddings N(0, 0.02), Linear
-        biases zero except dt_proj's (marked `_no_reinit`); A_log, D, dt_bias and the conv keep the
-        init their mixer gave them."""
+        """Mamba's LM init (mamba-ssm `mixer_seq_simple._init_weights`): Linear biases zero except
+        dt_proj's (marked `_no_reinit`); A_log, D, dt_bias and the conv keep their mixer's init.
+
+        One change: embeddings N(0, 1/D) instead of N(0, 0.02). The head is tied and sees a
+        unit-RMS hidden state, so this starts the logits at unit variance; with 0.02 they start at
+        std 0.16 and the copy of a value token into the output learns far slower (measured on the
+        README's tiny run: 1.0% vs 5.8% held-out accuracy after 600 steps)."""
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.bias is not None and not getattr(m.bias, "_no_reinit", False):
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.embed.weight, std=self.cfg.d_model ** -0.5)
 
     def logits(self, h):  # (B, L, D) -> (B, L, V), output projection tied to the embedding
         return h @ self.embed.weight.T
