@@ -87,8 +87,10 @@ def plot(rows: list[dict], path: Path) -> None:
     for d_state in sorted({r["d_state"] for r in rows}):
         ax.axvline(d_state, color="gray", linestyle="--", linewidth=0.8)
         ax.text(d_state, 1.02, f"d_state={d_state}", fontsize=7, ha="center", color="gray")
-    ax.set(xscale="log", xlabel="num_pairs (log)", ylabel="per-query accuracy", ylim=(0, 1.08))
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="num_pairs", ylabel="per-query accuracy", ylim=(0, 1.08))
     ax.set_xticks(sorted({r["num_pairs"] for r in rows}), labels=sorted({r["num_pairs"] for r in rows}))
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
