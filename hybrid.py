@@ -98,6 +98,7 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
+        self.flash = flash_attn_func()
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
@@ -107,9 +108,8 @@ class Attention(nn.Module):
         H, P = self.n_heads, D // self.n_heads
         q = self.q_proj(x).view(B, L, H, P)
         k, v = self.kv_proj(context).view(B, context.shape[1], 2, H, P).unbind(2)  # (B, S, H, P) each
-        flash = flash_attn_func()
-        if flash is not None and x.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            y = flash(q, k, v)  # (B, L, H, P)
+        if self.flash is not None and x.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            y = self.flash(q, k, v)  # (B, L, H, P)
         else:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             y = y.transpose(1, 2)  # (B, H, L, P) -> (B, L, H, P)

@@ -17,7 +17,7 @@ N d_state, K conv width, R dt rank (Mamba1), C chunks, T chunk length.
 """
 import functools
 import math
-from typing import Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -31,15 +31,20 @@ REF_CHUNK = 64  # T of the reference SSD; any T gives the same function
 KERNEL_CHUNK = 256  # mamba-ssm's default chunk for its SSD kernel
 
 
+class Kernels(NamedTuple):
+    mamba1: Callable  # mamba_inner_fn: in_proj output -> conv -> selective scan -> gate -> out_proj
+    mamba2: Callable  # mamba_split_conv1d_scan_combined: the same for SSD, with the gated RMSNorm
+
+
 @functools.cache
-def kernels():
+def kernels() -> Kernels | None:
     """The fused ops, or None where they cannot be imported (no CUDA build, no GPU stack)."""
     try:
         from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
         from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
     except Exception:  # ImportError, or a CUDA extension that fails to load
         return None
-    return mamba_inner_fn, mamba_split_conv1d_scan_combined
+    return Kernels(mamba_inner_fn, mamba_split_conv1d_scan_combined)
 
 
 def check_impl(impl: Impl, device: torch.device) -> None:
@@ -203,7 +208,7 @@ class Mamba2(nn.Module):
         zxbcdt = self.in_proj(u)  # (B, L, E + E+2N + H)
         A = -torch.exp(self.A_log.float())  # (H,)
         if use_kernel(self.impl, u):
-            return kernels()[1](
+            return kernels().mamba2(
                 zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, self.D,
                 KERNEL_CHUNK, activation="silu", rmsnorm_weight=self.norm.weight,
                 rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight,
@@ -244,7 +249,7 @@ class Mamba1(nn.Module):
         xz = self.in_proj(u)  # (B, L, 2E)
         A = -torch.exp(self.A_log.float())  # (E, N)
         if use_kernel(self.impl, u):
-            return kernels()[0](
+            return kernels().mamba1(
                 xz.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                 self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A, None, None,
                 self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)

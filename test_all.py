@@ -246,7 +246,7 @@ def test_eval_cli_reports_and_sweeps(tmp_path):
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())
     assert [r["num_pairs"] for r in rows] == [2, 4, 8] and all(0 <= r["acc"] <= 1 for r in rows)
-    assert "| num_pairs |" in run.stdout.replace(" num_pairs ", " num_pairs ") and png.stat().st_size > 0
+    assert "| num_pairs |" in run.stdout and png.stat().st_size > 0
 
 
 @pytest.mark.parametrize("content, message", [
@@ -277,7 +277,7 @@ def rel_err(a, b):
 
 
 @needs_cuda
-def test_flash_attention_matches_sdpa(monkeypatch):
+def test_flash_attention_matches_sdpa():
     import hybrid
     if hybrid.flash_attn_func() is None:
         pytest.skip("flash_attn is not installed")
@@ -285,7 +285,7 @@ def test_flash_attention_matches_sdpa(monkeypatch):
     x, ctx = torch.randn(2, 9, 128, device="cuda"), torch.randn(2, 33, 128, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         flash = attn(x, ctx)
-        monkeypatch.setattr(hybrid, "flash_attn_func", lambda: None)
+        attn.flash = None  # the SDPA path, same weights
         sdpa = attn(x, ctx)
     assert rel_err(flash, sdpa) < 1e-2
 
