@@ -106,10 +106,10 @@ def load_all(cfg: EvalConfig) -> list[tuple]:
 
 def main(cfg: EvalConfig, models: list[tuple]) -> list[dict]:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available())
-    rows = []
+    sweep, rows = cfg.pairs(), []
     for path, train_cfg, model, step in models:
         device = next(model.parameters()).device
-        for n in cfg.pairs() or [train_cfg.task.num_pairs]:
+        for n in sweep or [train_cfg.task.num_pairs]:
             # Keep the trained number of queries where it fits; a smaller context caps it.
             task = dataclasses.replace(train_cfg.task, num_pairs=n, num_queries=min(train_cfg.task.queries, n))
             with autocast:

@@ -306,4 +306,5 @@ def test_kernel_matches_reference(cls):
     errors = {"out": rel_err(*outs)}
     errors |= {n: rel_err(p.grad, q.grad) for (n, p), q in zip(kernel.named_parameters(), reference.parameters())}
     print(cls.__name__, {k: f"{v:.1e}" for k, v in errors.items()})
-    assert max(errors.values()) < 1e-2, errors
+    assert errors["out"] < 1e-3, errors  # measured 4.8e-5 (Mamba2), 2.8e-7 (Mamba1) on an H100
+    assert max(v for k, v in errors.items() if k != "out") < 1e-2, errors  # grads: up to 1.7e-3
