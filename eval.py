@@ -62,7 +62,7 @@ def load_checkpoint(path: Path, device: torch.device, impl: Impl = "auto"):
         raise ValueError(f"{path}: not an align-mamba checkpoint (expected the dict train.py writes)")
     cfg = TrainConfig.from_dict(ckpt["config"])
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, impl=impl))
-    model = build_model(cfg.model, cfg.task.mode).to(device)
+    model = build_model(cfg.model, cfg.task.mode, device)
     model.load_state_dict(ckpt["model"])
     return cfg, model.eval(), ckpt["step"]
 

@@ -106,13 +106,16 @@ def evaluate(model, cfg: MQARConfig, batches: int, device, rank: int = 0, world:
     """Per-query accuracy and per-example exact match on `batches` held-out batches.
 
     The test set is batches 0..batches-1 of the TEST split (seed 0): the same for every run, and
-    never a training batch. Under DDP rank r scores batches r, r+world, ... and the counts are summed.
+    never a training batch. It is drawn on the CPU and moved, because CPU and CUDA generators give
+    different numbers for one seed: so a checkpoint scores on the same examples on either machine.
+    Under DDP rank r scores batches r, r+world, ... and the counts are summed.
     """
     was_training = model.training
     model.eval()
     counts = torch.zeros(4, device=device)  # correct queries, queries, exact examples, examples
     for i in range(rank, batches, world):
-        batch = make_batch(cfg, EVAL_BATCH, TEST, seed=0, step=i, device=device)
+        src = make_batch(cfg, EVAL_BATCH, TEST, seed=0, step=i)
+        batch = Batch(tuple(x.to(device) for x in src.inputs), src.labels.to(device))
         asked = batch.labels != IGNORE  # (B, L)
         hit = (model(*batch.inputs).argmax(-1) == batch.labels) | ~asked  # (B, L)
         counts += torch.stack([(hit & asked).sum(), asked.sum(), hit.all(dim=1).sum(),

@@ -44,7 +44,10 @@ def kernels() -> Kernels | None:
         from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
     except Exception:  # ImportError, or a CUDA extension that fails to load
         return None
-    return Kernels(mamba_inner_fn, mamba_split_conv1d_scan_combined)
+    # torch.compile cannot trace into their Triton/CUDA autograd functions; it compiles around
+    # them (a graph break at each call), and disable() says so up front instead of letting dynamo
+    # try and fail on every layer. bench.py measures what compiling the rest is worth.
+    return Kernels(torch.compiler.disable(mamba_inner_fn), torch.compiler.disable(mamba_split_conv1d_scan_combined))
 
 
 def check_impl(impl: Impl, device: torch.device) -> None:

@@ -99,6 +99,24 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+def train_step(model, optimizer, batch, autocast, grad_clip: float):
+    """One optimizer step: forward under autocast, fp32 loss, backward, clip, AdamW. Returns the
+    loss and logits as device tensors (reading them is the caller's host sync, not ours)."""
+    with autocast:
+        logits = model(*batch.inputs)  # (B, L, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), logits.detach()
+
+
+def autocast_for(device: torch.device):
+    """BF16 autocast on CUDA (the parameters stay fp32); none on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 def save_checkpoint(path: Path, **state) -> None:
     """Write then rename: a run killed mid-write leaves the previous checkpoint intact."""
     tmp = path.with_name(path.name + ".tmp")
@@ -127,11 +145,11 @@ def train(cfg: TrainConfig) -> dict:
         device = torch.device("cpu")
     check_impl(cfg.model.impl, device)
     master = rank == 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = autocast_for(device)
 
     # ---- model, optimizer, and the state of a run being resumed
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    raw_model = build_model(cfg.model, cfg.task.mode).to(device)  # fp32 master weights
+    raw_model = build_model(cfg.model, cfg.task.mode, device)  # fp32 master weights
     optimizer = configure_optimizer(raw_model, cfg, device)
     ckpt_path, log_path = cfg.out_dir / "ckpt.pt", cfg.out_dir / "log.jsonl"
     step, rng = 0, None
@@ -181,19 +199,13 @@ def train(cfg: TrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = make_batch(cfg.task, cfg.batch_size, TRAIN, cfg.seed, step, rank, device)
-        with autocast:
-            logits = ddp_model(*batch.inputs)  # (B, L, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, logits = train_step(ddp_model, optimizer, batch, autocast, cfg.grad_clip)
         step += 1
 
         with torch.no_grad():  # running sums on the device: no host sync until the log line
             asked = batch.labels != IGNORE
-            loss_sum += loss.detach()
-            correct_sum += (logits.argmax(-1) == batch.labels)[asked].sum()
+            loss_sum += loss
+            correct_sum += ((logits.argmax(-1) == batch.labels) & asked).sum()  # a mask, not indexing: no sync
             queries_sum += asked.sum()
         if step % cfg.log_every == 0 and master:
             dt = time.perf_counter() - t_log

@@ -1,0 +1,111 @@
+"""Time one training step under each execution path, as nanoGPT's bench.py does for its model.
+
+    python bench.py --num-pairs 128 --hybrid 0,2         # the default model, on one GPU
+
+Takes train.py's flags (its --impl and --compile are set per path here). For each path it builds
+the same model from the same seed, runs warm-up steps (compilation, Triton autotuning), then times
+`--steps` steps with CUDA events and reports the median, tokens/s, peak memory, an estimated MFU,
+and the speed relative to reference-eager. The step is train.py's own `train_step`, data
+generation included. After warm-up, a recompile is an error.
+"""
+import dataclasses
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+import tyro
+
+from hybrid import build_model
+from mqar import TRAIN, make_batch
+from ssm import check_impl
+from train import TrainConfig, autocast_for, configure_optimizer, train_step
+
+PATHS = {"reference-eager": ("reference", False), "reference-compiled": ("reference", True),
+         "kernel-eager": ("kernel", False), "kernel-compiled": ("kernel", True)}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Benchmark the training step of a train.py config under each execution path."""
+    train: tyro.conf.OmitArgPrefixes[TrainConfig] = field(default_factory=TrainConfig)
+    paths: str = ",".join(PATHS)
+    """comma-separated paths to time, from: reference-eager, reference-compiled, kernel-eager, kernel-compiled"""
+    warmup: int = 30
+    """untimed steps first (compilation and autotuning happen here)"""
+    steps: int = 100
+    """timed steps; the table shows their median"""
+    peak_tflops: float = 989.0
+    """the GPU's dense BF16 peak for MFU (H100 SXM: 989; H200 is the same chip)"""
+
+
+def step_flops(model, tokens: int, decoder_tokens: int) -> float:
+    """6 x parameters x tokens for forward + backward (Kaplan et al. 2020), where the tied embedding
+    counts only as the output head, applied at decoder positions. Attention scores and the scan are
+    left out, so this undercounts a little."""
+    n = sum(p.numel() for p in model.parameters())
+    V, D = model.embed.weight.shape
+    return 6 * (n - V * D) * tokens + 6 * V * D * decoder_tokens
+
+
+def bench_path(cfg: TrainConfig, impl: str, compile: bool, warmup: int, steps: int) -> dict:
+    device = torch.device("cuda")
+    check_impl(impl, device)
+    torch.manual_seed(cfg.seed)
+    raw = build_model(dataclasses.replace(cfg.model, impl=impl), cfg.task.mode, device)
+    model = torch.compile(raw) if compile else raw
+    optimizer = configure_optimizer(raw, cfg, device)
+    autocast = autocast_for(device)
+    batch = lambda i: make_batch(cfg.task, cfg.batch_size, TRAIN, cfg.seed, i, 0, device)  # noqa: E731
+    for i in range(warmup):
+        train_step(model, optimizer, batch(i), autocast, cfg.grad_clip)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(warmup, warmup + steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            train_step(model, optimizer, batch(i), autocast, cfg.grad_clip)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    inputs = batch(0).inputs
+    tokens = cfg.batch_size * sum(x.shape[1] for x in inputs)
+    ms = statistics.median(times)
+    return {"ms": ms, "tokens": tokens, "flops": step_flops(raw, tokens, cfg.batch_size * inputs[-1].shape[1]),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main(cfg: BenchConfig) -> list[dict]:
+    paths = cfg.paths.split(",")
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        raise ValueError(f"--paths takes names from {', '.join(PATHS)}; got {', '.join(unknown)}")
+    if not torch.cuda.is_available():
+        raise ValueError("bench.py times CUDA steps: it needs a GPU")
+    cfg.train.validate()
+    torch.set_float32_matmul_precision("high")
+    rows = []
+    for name in paths:
+        impl, compile = PATHS[name]
+        r = bench_path(cfg.train, impl, compile, cfg.warmup, cfg.steps)
+        rows.append({"path": name, **r})
+    base = next((r["ms"] for r in rows if r["path"] == "reference-eager"), rows[0]["ms"])
+    print(f"{torch.cuda.get_device_name()}, {cfg.train.task.mode}, num_pairs {cfg.train.task.num_pairs}, "
+          f"batch {cfg.train.batch_size}, d_model {cfg.train.model.d_model}, d_state {cfg.train.model.d_state}, "
+          f"decoder {cfg.train.model.decoder}, median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
+    print("| path | ms/step | tokens/s | peak memory (GiB) | MFU | speed vs reference-eager |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        mfu = r["flops"] / (r["ms"] / 1e3) / (cfg.peak_tflops * 1e12)
+        print(f"| {r['path']} | {r['ms']:.2f} | {r['tokens'] / r['ms'] * 1e3:,.0f} | {r['peak_gib']:.2f} "
+              f"| {mfu:.1%} | {base / r['ms']:.2f}x |")
+    return rows
+
+
+if __name__ == "__main__":
+    config = tyro.cli(BenchConfig)
+    try:
+        main(config)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
