@@ -131,8 +131,8 @@ class Attention(nn.Module):
     Dehghani et al. 2023; the seeds' cosine cross-attention). A logit is then sqrt(P) times a cosine
     (times the gains), so recall can pick one key out of hundreds from the first steps, while with
     raw projections the logits start near zero, attention is uniform, and the key match has to
-    emerge from a flat average. Measured on the README's CPU quick start (8 pairs, 600 steps):
-    held-out accuracy 4.7% without, 80.2% with (both one 64-wide head)."""
+    emerge from a flat average. Measured on the README's CPU quick start (8 pairs, 600 steps, one
+    64-wide head): held-out accuracy 3.9% without, 73.0% with."""
 
     def __init__(self, d_model: int, head_dim: int, d_query: int | None = None):
         super().__init__()
