@@ -90,6 +90,7 @@ def main(cfg: BenchConfig) -> list[dict]:
         impl, compile = PATHS[name]
         r = bench_path(cfg.train, impl, compile, cfg.warmup, cfg.steps)
         rows.append({"path": name, **r})
+        print(f"{name}: {r['ms']:.2f} ms/step", flush=True)
     base = next((r["ms"] for r in rows if r["path"] == "reference-eager"), rows[0]["ms"])
     print(f"{torch.cuda.get_device_name()}, {cfg.train.task.mode}, num_pairs {cfg.train.task.num_pairs}, "
           f"batch {cfg.train.batch_size}, d_model {cfg.train.model.d_model}, d_state {cfg.train.model.d_state}, "

@@ -68,7 +68,7 @@ class MemoryWrite(nn.Module):
     def __init__(self, d_model: int, summary_dim: int):
         super().__init__()
         self.norm = nn.RMSNorm(d_model, eps=1e-5)
-        self.score_proj = nn.Linear(d_model, 1)
+        self.score_proj = nn.Linear(d_model, 1, bias=False)  # a bias would shift every priority alike: a no-op
         self.summarize = nn.Linear(d_model, summary_dim, bias=False)
 
     def forward(self, x, pool: Pool) -> Pool:  # x (B, L, D)
