@@ -382,7 +382,7 @@ GPU_MODEL = ModelConfig(d_model=256, d_state=64, encoder_layers=2, decoder_layer
 
 
 def gpu_batch():
-    return make_batch(MQARConfig(num_pairs=128), 4, TRAIN, 0, 0, 0, "cuda").inputs  # S = 258, L = 17
+    return make_batch(MQARConfig(num_pairs=128), 4, TRAIN, 0, 0, 0, "cuda").inputs  # S = 386, L = 17
 
 
 # name: (module for an impl, its inputs); the inputs are random activations of a realistic size or MQAR tokens
