@@ -21,7 +21,7 @@ import tyro
 from hybrid import build_model
 from mqar import check_num_pairs, evaluate
 from ssm import Impl, check_impl
-from train import TrainConfig
+from train import TrainConfig, autocast_for
 
 
 @dataclass(frozen=True)
@@ -105,14 +105,13 @@ def load_all(cfg: EvalConfig) -> list[tuple]:
 
 
 def main(cfg: EvalConfig, models: list[tuple]) -> list[dict]:
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available())
     sweep, rows = cfg.pairs(), []
     for path, train_cfg, model, step in models:
         device = next(model.parameters()).device
         for n in sweep or [train_cfg.task.num_pairs]:
             # Keep the trained number of queries where it fits; a smaller context caps it.
             task = dataclasses.replace(train_cfg.task, num_pairs=n, num_queries=min(train_cfg.task.queries, n))
-            with autocast:
+            with autocast_for(device):  # the precision the model trained in on this device
                 result = evaluate(model, task, cfg.eval_batches, device)
             rows.append({"ckpt": str(path), "mode": task.mode, "hybrid": train_cfg.model.hybrid,
                          "ssm": train_cfg.model.ssm, "d_state": train_cfg.model.d_state, "step": step,
