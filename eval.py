@@ -1,7 +1,8 @@
-"""Score trained checkpoints on fresh held-out MQAR data, and sweep the number of pairs.
+"""Score trained checkpoints on fresh held-out data, and sweep MQAR's number of pairs.
 
     python eval.py --ckpt runs/tiny/ckpt.pt
     python eval.py --ckpt runs/a/ckpt.pt runs/b/ckpt.pt --num-pairs 32,64,128,256 --plot cliff.png
+    python eval.py --ckpt runs/composite/ckpt.pt      # composite task: composite vs symmetric answers
 
 Each model is rebuilt from its checkpoint's own config and loaded with weights_only=True on
 whatever device is here. Accuracy past the trained num_pairs is the capacity cliff: a recurrent
@@ -18,21 +19,21 @@ from pathlib import Path
 import torch
 import tyro
 
-from hybrid import build_model
+import composite
 from mqar import check_num_pairs, evaluate
 from ssm import Impl, check_impl
-from train import TrainConfig, autocast_for
+from train import TrainConfig, autocast_for, build
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluate MQAR checkpoints."""
+    """Evaluate MQAR or composite-task checkpoints."""
     ckpt: tuple[Path, ...]
     """one or more checkpoints written by train.py"""
     num_pairs: str = ""
-    """comma-separated num_pairs to evaluate at, e.g. 32,64,128,256 (default: each model's trained value)"""
+    """MQAR: comma-separated num_pairs to evaluate at, e.g. 32,64,128,256 (default: each model's trained value)"""
     eval_batches: int = 8
-    """held-out batches of 256 examples per (checkpoint, num_pairs)"""
+    """MQAR: held-out batches of 256 examples per (checkpoint, num_pairs)"""
     impl: Impl = "auto"
     """SSM execution path here, whatever the model was trained with"""
     out: Path = Path("eval.json")
@@ -62,7 +63,7 @@ def load_checkpoint(path: Path, device: torch.device, impl: Impl = "auto"):
         raise ValueError(f"{path}: not an align-mamba checkpoint (expected the dict train.py writes)")
     cfg = TrainConfig.from_dict(ckpt["config"])
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, impl=impl))
-    model = build_model(cfg.model, cfg.task.mode, device)
+    model = build(cfg, device)
     model.load_state_dict(ckpt["model"])
     return cfg, model.eval(), ckpt["step"]
 
@@ -73,6 +74,15 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['ckpt']} | {r['mode']} | {r['hybrid'] or '-'} | {r['d_state']} | {r['step']} | "
                      f"{r['num_pairs']} | {r['acc']:.4f} | {r['exact']:.4f} |")
+    return "\n".join(lines)
+
+
+def composite_table(rows: list[dict]) -> str:
+    lines = ["| checkpoint | ssm | layers | gamma | ones conv | pos emb | step | test acc | composite | symmetric |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['ckpt']} | {r['ssm']} | {r['layers']} | {r['gamma']} | {r['ones_conv']} | {r['pos_emb']} | "
+                     f"{r['step']} | {r['acc']:.4f} | {r['composite']:.4f} | {r['symmetric']:.4f} |")
     return "\n".join(lines)
 
 
@@ -101,22 +111,35 @@ def load_all(cfg: EvalConfig) -> list[tuple]:
     cfg.pairs()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_impl(cfg.impl, device)
-    return [(path, *load_checkpoint(path, device, cfg.impl)) for path in cfg.ckpt]
+    models = [(path, *load_checkpoint(path, device, cfg.impl)) for path in cfg.ckpt]
+    tasks = {train_cfg.task for _, train_cfg, _, _ in models}
+    if len(tasks) > 1:
+        raise ValueError(f"--ckpt: give checkpoints of one task at a time, got {sorted(tasks)}")
+    if (cfg.num_pairs.strip() or cfg.plot) and tasks != {"mqar"}:
+        raise ValueError("--num-pairs and --plot apply to MQAR checkpoints only")
+    return models
 
 
 def main(cfg: EvalConfig, models: list[tuple]) -> list[dict]:
     sweep, rows = cfg.pairs(), []
     for path, train_cfg, model, step in models:
         device = next(model.parameters()).device
-        for n in sweep or [train_cfg.task.num_pairs]:
+        if train_cfg.task == "composite":
+            with autocast_for(device):
+                result = composite.evaluate(model, composite.test_sets(train_cfg.composite, device))
+            rows.append({"ckpt": str(path), "ssm": train_cfg.model.ssm, "layers": train_cfg.model.decoder_layers,
+                         "step": step, **dataclasses.asdict(train_cfg.composite), **result})
+            continue
+        mqar = train_cfg.mqar
+        for n in sweep or [mqar.num_pairs]:
             # Keep the trained number of queries where it fits; a smaller context caps it.
-            task = dataclasses.replace(train_cfg.task, num_pairs=n, num_queries=min(train_cfg.task.queries, n))
+            task = dataclasses.replace(mqar, num_pairs=n, num_queries=min(mqar.queries, n))
             with autocast_for(device):  # the precision the model trained in on this device
                 result = evaluate(model, task, cfg.eval_batches, device)
             rows.append({"ckpt": str(path), "mode": task.mode, "hybrid": train_cfg.model.hybrid,
                          "ssm": train_cfg.model.ssm, "d_state": train_cfg.model.d_state, "step": step,
-                         "trained_num_pairs": train_cfg.task.num_pairs, "num_pairs": n, **result})
-    print(markdown_table(rows))
+                         "trained_num_pairs": mqar.num_pairs, "num_pairs": n, **result})
+    print(composite_table(rows) if models[0][1].task == "composite" else markdown_table(rows))
     cfg.out.write_text(json.dumps(rows, indent=2))
     print(f"wrote {cfg.out}")
     if cfg.plot is not None:

@@ -13,7 +13,9 @@ import pytest
 import torch
 import tyro
 
+import composite
 import eval as evaluation
+from composite import CompositeConfig, CompositeMamba
 from hybrid import Attention, ModelConfig, MambaLM, Seq2Seq, build_model
 from mempool import MemoryRead, Pool
 from mqar import (IGNORE, KEY_HI, KEY_LO, SEP, TEST, TRAIN, VAL_HI, VAL_LO, MQARConfig, batch_seed,
@@ -287,7 +289,7 @@ def test_ssm_parameters_get_no_weight_decay():
 # ---- training end to end: a tiny model learns, checkpoints round-trip, resume continues
 
 def tiny_run(tmp_path, **overrides) -> TrainConfig:
-    defaults = dict(task=MQARConfig(num_pairs=2),
+    defaults = dict(mqar=MQARConfig(num_pairs=2),
                     model=dataclasses.replace(SMALL, d_model=64, d_state=16, decoder_layers=2, hybrid="0"),
                     batch_size=32, lr=3e-3, warmup_steps=20, max_steps=400, eval_every=400, eval_batches=1,
                     log_every=100, compile=False, out_dir=tmp_path)
@@ -311,9 +313,9 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     assert saved["step"] == 4 and not any(k.startswith("_orig_mod.") for k in saved["model"])
     train_cfg, model, step = evaluation.load_checkpoint(tmp_path / "ckpt.pt", torch.device("cpu"))
     assert train_cfg == cfg and step == 4
-    fresh = build_model(cfg.model, cfg.task.mode)
+    fresh = build_model(cfg.model, cfg.mqar.mode)
     fresh.load_state_dict(saved["model"])
-    batch = make_batch(cfg.task, 3, TEST, 0, 0)
+    batch = make_batch(cfg.mqar, 3, TEST, 0, 0)
     torch.testing.assert_close(model(*batch.inputs), fresh.eval()(*batch.inputs), rtol=0, atol=0)
 
     # Resuming to step 6 must land where an uninterrupted 6-step run lands.
@@ -352,6 +354,97 @@ def test_eval_rejects_bad_checkpoints_in_one_line(tmp_path, content, message):
     run = subprocess.run([sys.executable, "eval.py", "--ckpt", str(path)], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and message in run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+# ---- the composite-function task (composite.py)
+
+def test_composite_sets_follow_the_paper():
+    tests = composite.test_sets(CompositeConfig(num_test=500), "cpu")
+    sets = {"train": (*composite.train_set(CompositeConfig(num_train=3000), 0, "cpu"), False),
+            "test": (tests["tokens"], tests["labels"], True),
+            "held_out": (tests["held_out"], tests["composite"], True)}
+    for name, (tokens, labels, congruent) in sets.items():
+        is_anchor = (tokens >= 1) & (tokens <= 4)  # (n, 8)
+        assert (is_anchor.sum(1) == 2).all(), name  # one anchor pair and nothing else from 1-4
+        pos = is_anchor.int().argmax(1) - 1  # the key sits just before the first anchor
+        rows = torch.arange(len(tokens))
+        assert is_anchor[rows, pos + 2].all() and (pos >= 0).all() and (pos <= 5).all(), name
+        key, a, b = tokens[rows, pos], tokens[rows, pos + 1], tokens[rows, pos + 2]
+        assert ((tokens >= 20) | is_anchor).all(), name  # keys and noise from [20, 100)
+        assert ((key % 8 == pos) == congruent).all(), name  # the residue rule splits train from test
+        shift = {(i, j): composite.SHIFT[i] + composite.SHIFT[j] for i in range(1, 5) for j in range(1, 5)}
+        shift[(3, 4)] = -6
+        expected = torch.stack([(k + shift[(i, j)]) % 100 for k, i, j in zip(key, a.tolist(), b.tolist())])
+        assert torch.equal(labels, expected), name
+        pairs = set(zip(a.tolist(), b.tolist()))
+        assert pairs == ({(4, 3)} if name == "held_out" else set(composite.TRAIN_PAIRS)), name
+    assert ((tests["symmetric"] - tests["composite"]) % 100 == 4).all()  # key - 6 against key - 10
+    assert torch.equal(composite.train_set(CompositeConfig(num_train=100), 3, "cpu")[0],
+                       composite.train_set(CompositeConfig(num_train=100), 3, "cpu")[0])
+
+
+def test_composite_batches_walk_epochs_without_repeats():
+    data = composite.train_set(CompositeConfig(num_train=100), 0, "cpu")
+    seen = torch.cat([composite.train_batch(data, 10, step, 0, rank, 2).inputs[0]
+                      for step in range(5) for rank in range(2)])  # one epoch over 2 ranks
+    assert len(torch.unique(seen, dim=0)) == len(torch.unique(data[0], dim=0)) == 100
+    batch = composite.train_batch(data, 10, 0, 0)
+    assert batch.inputs[0].shape == (10, 8) and batch.labels.shape == (10, 1)
+
+
+def test_composite_model_is_causal_and_scores_the_last_position():
+    cfg = CompositeConfig(pos_emb=True)
+    model = CompositeMamba("mamba2", 32, 16, 2, cfg).eval()
+    x = torch.randint(20, 100, (3, 8))
+    y = x.clone()
+    y[:, 5:] = torch.randint(20, 100, (3, 3))
+    embed = lambda t: model.embed(t) + model.pos.weight[:8]  # noqa: E731
+    torch.testing.assert_close(model.layers(embed(x))[:, :5], model.layers(embed(y))[:, :5], rtol=0, atol=0)
+    assert model(x).shape == (3, 1, 100)
+
+
+def test_gamma_init_and_frozen_ones_conv():
+    model = CompositeMamba("mamba2", 32, 16, 2, CompositeConfig(gamma=0.5, ones_conv=True))
+    w = model.layers[0].mixer.in_proj.weight  # (d1, 32)
+    assert abs(w.std().item() * w.shape[0] ** 0.5 - 1) < 0.05
+    assert (model.layers[1].mixer.conv1d.bias == 0).all()
+    assert (model.layers[0].mixer.dt_bias != 0).all()  # Mamba's time-step init is kept
+    conv = model.layers[0].mixer.conv1d.weight
+    assert (conv == 1).all() and not conv.requires_grad
+    small = CompositeMamba("mamba2", 32, 16, 2, CompositeConfig(gamma=1.0)).layers[0].mixer.in_proj.weight
+    assert abs(small.std().item() * small.shape[0] - 1) < 0.05
+
+
+def test_composite_defaults_and_flags(tmp_path):
+    from train import parse_args
+    cfg = parse_args(["--task", "composite"])
+    assert (cfg.batch_size, cfg.lr, cfg.beta2, cfg.model.d_model, cfg.model.d_state, cfg.model.decoder_layers,
+            cfg.model.dropout, cfg.composite.num_train) == (2048, 2.5e-4, 0.999, 32, 128, 7, 0.0, 300_000)
+    assert cfg.max_steps == 200 * (300_000 // 2048)
+    assert parse_args(["--task", "composite", "--batch-size", "512", "--gamma", "0.3"]).batch_size == 512
+    assert parse_args([]) == TrainConfig()  # MQAR keeps its own defaults
+    for flags, message in [(["--gamma", "0"], "--gamma must be > 0"), (["--num-train", "0"], "--num-train")]:
+        run = subprocess.run([sys.executable, "train.py", "--task", "composite", *flags, "--out-dir", str(tmp_path)],
+                             cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_composite_checkpoint_scores_the_same_in_eval(tmp_path):
+    from train import parse_args
+    cfg = parse_args(["--task", "composite", "--decoder-layers", "2", "--d-state", "16", "--num-train", "2000",
+                      "--batch-size", "64", "--max-steps", "4", "--eval-every", "4", "--num-test", "300",
+                      "--out-dir", str(tmp_path)])
+    result = train(cfg)
+    out = tmp_path / "eval.json"
+    run = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    row = json.loads(out.read_text())[0]
+    assert "| composite | symmetric |" in run.stdout
+    assert [row[k] for k in ("acc", "composite", "symmetric")] == [result[k] for k in ("acc", "composite", "symmetric")]
+    run = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--num-pairs", "8"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "MQAR checkpoints only" in run.stderr
 
 
 # ---- the GPU paths: the same parameters must compute the same function (skipped on CPU)
@@ -394,6 +487,8 @@ KERNEL_CASES = {
                       lambda: (torch.randn(4, 300, 256, device="cuda"),)),
     "seq2seq": (lambda impl: Seq2Seq(dataclasses.replace(GPU_MODEL, impl=impl)), gpu_batch),
     "polar": (lambda impl: Seq2Seq(dataclasses.replace(GPU_MODEL, decoder="polar", impl=impl)), gpu_batch),
+    "composite": (lambda impl: CompositeMamba("mamba2", 32, 128, 7, CompositeConfig(gamma=0.5), impl),
+                  lambda: (torch.randint(20, 100, (64, 8), device="cuda"),)),
 }
 # Relative-error bounds (output, worst parameter gradient), a few times the worst errors measured
 # on an H100 over these cases (fp32: 6.4e-5 and 1.8e-3; bf16: 9.7e-3 and 4.6e-2, the test prints them).

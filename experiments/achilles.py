@@ -1,0 +1,136 @@
+"""Mamba's Achilles' heel on the composite-function task (composite.py): the best model, the two
+ablations, and the phase diagram over depth and initialization rate, each with several seeds.
+
+    python experiments/achilles.py --parallel 12 --deadline-s 540     # on the GPU, resumable
+    python experiments/achilles.py --report-only                       # tables and heatmap from results/
+
+Runs go in priority order (the best model, then its ablations, then the phase diagram cells,
+shallow first), so a partial slice of device time finishes whole groups. Every run is
+`train.py --task composite` with the paper's defaults (composite.py, train.py COMPOSITE_DEFAULTS)
+plus the flags below; --epochs shortens them all alike (say so when you report).
+"""
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import ROOT, load_results, run_grid  # noqa: E402
+
+EXPERIMENT = "achilles"
+LAYERS = [2, 3, 4, 5, 6, 7]
+GAMMAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0]
+BEST = (7, 1.0)
+STEPS_PER_EPOCH = 300_000 // 2048
+
+
+@dataclass(frozen=True)
+class Args:
+    parallel: int = 12
+    """runs at once on the device"""
+    deadline_s: float = 540
+    """stop starting runs and checkpoint the running ones after this many seconds"""
+    seeds: int = 3
+    """seeds per configuration"""
+    epochs: int = 200
+    """training epochs of every run (the paper: 200)"""
+    groups: str = "best,ablations,phase"
+    """which groups to run, in this order"""
+    train_flags: str = ""
+    """extra train.py flags for every run, e.g. '--impl reference --compile' (the execution path, not the model)"""
+    report_only: bool = False
+    """only aggregate what results/ holds"""
+
+
+def grid(args: Args) -> dict[str, list[str]]:
+    epochs = ["--max-steps", str(args.epochs * STEPS_PER_EPOCH)]
+    runs = {}
+    for group in args.groups.split(","):
+        configs = {"best": [("L7_G1.0", BEST, [])],
+                   "ablations": [("L7_G1.0_ones-conv", BEST, ["--ones-conv"]),
+                                 ("L7_G1.0_pos-emb", BEST, ["--pos-emb"])],
+                   "phase": [(f"L{n}_G{g}", (n, g), []) for n in LAYERS for g in GAMMAS if (n, g) != BEST]}[group]
+        for seed in range(args.seeds):
+            for name, (layers, gamma), extra in configs:
+                runs[f"{name}_s{seed}"] = ["--task", "composite", "--decoder-layers", str(layers), "--gamma", str(gamma),
+                                           "--seed", str(seed), *epochs, *extra, *args.train_flags.split()]
+    return runs
+
+
+def summarize(results: list[dict]) -> dict[str, dict]:
+    """Configuration name -> mean and std over seeds of test acc, composite and symmetric accuracy."""
+    by_config: dict[str, list[dict]] = {}
+    for r in results:
+        by_config.setdefault(r["name"].rsplit("_s", 1)[0], []).append(r["eval"][0])
+    out = {}
+    for config, rows in by_config.items():
+        out[config] = {"seeds": len(rows), "epochs": sorted({round(row["step"] / STEPS_PER_EPOCH) for row in rows})}
+        for key in ("acc", "composite", "symmetric"):
+            values = [row[key] for row in rows]
+            out[config][key] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return out
+
+
+def pm(mean_std) -> str:
+    return f"{100 * mean_std[0]:.1f} ± {100 * mean_std[1]:.1f}"
+
+
+def report(summary: dict[str, dict]) -> str:
+    lines = ["| model | seeds | epochs | test acc (%) | composite (%) | symmetric (%) | seeds' report |",
+             "|---|---|---|---|---|---|---|"]
+    for name, label in [("L7_G1.0", "7 layers, gamma 1.0"), ("L7_G1.0_ones-conv", "  + conv fixed to ones"),
+                        ("L7_G1.0_pos-emb", "  + positional embedding")]:
+        if name in summary:
+            s = summary[name]
+            seed = "86.0 / 0.17" if name == "L7_G1.0" else ""
+            lines.append(f"| {label} | {s['seeds']} | {s['epochs']} | {pm(s['acc'])} | {pm(s['composite'])} | {pm(s['symmetric'])} | {seed} |")
+    return "\n".join(lines)
+
+
+def heatmap(summary: dict[str, dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, key in zip(axes, ["composite", "symmetric"]):
+        grid = np.full((len(LAYERS), len(GAMMAS)), np.nan)
+        for i, n in enumerate(LAYERS):
+            for j, g in enumerate(GAMMAS):
+                if f"L{n}_G{g}" in summary:
+                    grid[i, j] = summary[f"L{n}_G{g}"][key][0]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        for i in range(len(LAYERS)):
+            for j in range(len(GAMMAS)):
+                text = "–" if np.isnan(grid[i, j]) else f"{100 * grid[i, j]:.0f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if not grid[i, j] > 0.6 else "k")
+        ax.set_xticks(range(len(GAMMAS)), [str(g) for g in GAMMAS], fontsize=7)
+        ax.set_yticks(range(len(LAYERS)), [str(n) for n in LAYERS])
+        ax.set(xlabel="gamma (initialization rate)", ylabel="layers", title=f"{key} accuracy on (4, 3), mean over seeds")
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(args: Args) -> None:
+    if not args.report_only:
+        run_grid(EXPERIMENT, grid(args), args.parallel, args.deadline_s)
+    results = load_results(EXPERIMENT)
+    if not results:
+        print("no results yet")
+        return
+    summary = summarize(results)
+    out = ROOT / "results" / EXPERIMENT
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    table = report(summary)
+    (out / "table.md").write_text(table + "\n")
+    heatmap(summary, out / "phase.png")
+    print(table)
+    print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'phase.png'}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,74 @@
+"""Run a grid of train.py configurations side by side on one machine, resumably.
+
+Every experiment script hands `run_grid` a dict {run name: train.py flags}. A run whose result
+file exists is skipped; a run with a checkpoint but no result continues with --resume; the rest
+start fresh. Several runs share the GPU at once (these models are far too small to fill an H100
+alone). When --deadline-s is near, running jobs are stopped (their last checkpoint stays) so that a
+30-minute device slice ends cleanly; the next call picks up where this one stopped.
+
+Layout: runs/<experiment>/<run>/{ckpt.pt,log.jsonl,train.log}, results/<experiment>/runs/<run>.json
+(the run's flags, its log and eval.py's scores), aggregated by the experiment script.
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def result_path(experiment: str, name: str) -> Path:
+    return ROOT / "results" / experiment / "runs" / f"{name}.json"
+
+
+def finish(experiment: str, name: str, flags: list[str], run_dir: Path) -> None:
+    """Score the final checkpoint with eval.py and write the run's result file."""
+    out = run_dir / "eval.json"
+    subprocess.run([sys.executable, "eval.py", "--ckpt", str(run_dir / "ckpt.pt"), "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True)
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    path = result_path(experiment, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": name, "flags": flags, "eval": json.loads(out.read_text()),
+                                "log": log}, indent=1))
+
+
+def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadline_s: float) -> list[str]:
+    """Train every run of `grid` not done yet, `parallel` at a time; returns the names still missing."""
+    start = time.monotonic()
+    todo = [name for name in grid if not result_path(experiment, name).exists()]
+    running: dict[str, tuple[subprocess.Popen, Path]] = {}
+    print(f"{experiment}: {len(grid) - len(todo)} of {len(grid)} runs done, {len(todo)} to go", flush=True)
+    while todo or running:
+        late = time.monotonic() - start > deadline_s
+        while todo and len(running) < parallel and not late:
+            name = todo.pop(0)
+            run_dir = ROOT / "runs" / experiment / name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            resume = ["--resume"] if (run_dir / "ckpt.pt").exists() else []
+            cmd = [sys.executable, "train.py", *grid[name], "--out-dir", str(run_dir), *resume]
+            log = open(run_dir / "train.log", "a")
+            running[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), run_dir)
+            print(f"  start {name}{' (resumed)' if resume else ''}", flush=True)
+        for name, (proc, run_dir) in list(running.items()):
+            if late and proc.poll() is None:
+                proc.terminate()  # its last checkpoint is the resume point
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode == 0:
+                finish(experiment, name, grid[name], run_dir)
+                print(f"  done  {name} ({time.monotonic() - start:.0f} s)", flush=True)
+            else:  # stopped at the deadline (resumes next time), or failed: see its train.log
+                print(f"  stopped {name} (exit {proc.returncode}, {run_dir / 'train.log'})", flush=True)
+        if late and not running:
+            break
+        time.sleep(2)
+    missing = [name for name in grid if not result_path(experiment, name).exists()]
+    print(f"{experiment}: {len(grid) - len(missing)} of {len(grid)} done; missing: {' '.join(missing) or 'none'}")
+    return missing
+
+
+def load_results(experiment: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((ROOT / "results" / experiment / "runs").glob("*.json"))]
