@@ -493,6 +493,10 @@ KERNEL_CASES = {
 # Relative-error bounds (output, worst parameter gradient), a few times the worst errors measured
 # on an H100 over these cases (fp32: 6.4e-5 and 1.8e-3; bf16: 9.7e-3 and 4.6e-2, the test prints them).
 KERNEL_TOL = {"fp32": (1e-3, 1e-2), "bf16": (3e-2, 1e-1)}
+# The composite model has one head, so each layer's A_log is a single number whose gradient sums
+# terms of both signs over the whole batch: measured 1.8e-2 in fp32 on an H100 (the Triton
+# kernels' dot products run in TF32). bf16 was not measured yet; it keeps the common bound.
+KERNEL_TOL_CASE = {("composite", "fp32"): (1e-3, 5e-2)}
 
 
 @needs_kernels
@@ -517,6 +521,6 @@ def test_kernel_matches_reference(case, precision):
                if q.grad is not None and q.grad.norm() > 0}  # rows of the embedding no token used stay zero
     worst = max((v, k) for k, v in errors.items() if k != "out")
     print(f"{case} {precision}: out {errors['out']:.1e}, worst grad {worst[0]:.1e} ({worst[1]})")
-    out_tol, grad_tol = KERNEL_TOL[precision]
+    out_tol, grad_tol = KERNEL_TOL_CASE.get((case, precision), KERNEL_TOL[precision])
     assert errors["out"] < out_tol, errors
     assert worst[0] < grad_tol, errors

@@ -10,9 +10,11 @@ Layout: runs/<experiment>/<run>/{ckpt.pt,log.jsonl,train.log}, results/<experime
 (the run's flags, its log and eval.py's scores), aggregated by the experiment script.
 """
 import json
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,3 +74,68 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
 
 def load_results(experiment: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((ROOT / "results" / experiment / "runs").glob("*.json"))]
+
+
+# ---- MQAR experiments: a learning-rate grid and seeds per configuration, the best lr reported
+
+def mqar_grid(configs: dict[str, list[str]], lrs: list[float], seeds: int, steps: int, extra: str = "") -> dict:
+    """{config}_lr{lr}_s{seed} -> train.py flags. Every run gets the same step budget; --target-acc
+    0.99 ends the ones that have learned early, so the budget goes to those still flat."""
+    return {f"{config}_lr{lr:g}_s{seed}": [*flags, "--lr", str(lr), "--seed", str(seed), "--max-steps", str(steps),
+                                           "--eval-every", "500", *extra.split()]
+            for config, flags in configs.items() for lr in lrs for seed in range(seeds)}
+
+
+def best_lr(results: list[dict]) -> dict[str, dict]:
+    """Config -> the lr whose mean accuracy over seeds is highest, and that mean and std
+    (Zoology's protocol: each architecture gets its best learning rate)."""
+    by_run: dict[str, dict[str, list[float]]] = {}
+    for r in results:
+        config, lr = r["name"].rsplit("_s", 1)[0].rsplit("_lr", 1)
+        by_run.setdefault(config, {}).setdefault(lr, []).append(r["eval"][0]["acc"])
+    out = {}
+    for config, by_lr in by_run.items():
+        lr, accs = max(by_lr.items(), key=lambda kv: statistics.mean(kv[1]))
+        out[config] = {"lr": float(lr), "seeds": len(accs), "mean": statistics.mean(accs),
+                       "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+    return out
+
+
+def write_report(experiment: str, summary: dict, table: str) -> None:
+    out = ROOT / "results" / experiment
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out / 'summary.json'}, {out / 'table.md'}")
+
+
+@dataclass(frozen=True)
+class MQARArgs:
+    parallel: int = 8
+    """runs at once on the device"""
+    deadline_s: float = 540
+    """stop starting runs and checkpoint the running ones after this many seconds"""
+    seeds: int = 3
+    """seeds per (configuration, lr)"""
+    lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3)
+    """the learning-rate grid; each configuration reports its best"""
+    steps: int = 20_000
+    """the step budget of every run (runs stop early at 99% held-out accuracy)"""
+    train_flags: str = ""
+    """extra train.py flags for every run (an execution path, e.g. '--no-compile')"""
+    report_only: bool = False
+    """only aggregate what results/ holds"""
+
+
+def run_mqar(experiment: str, configs: dict[str, list[str]], args: MQARArgs) -> dict[str, dict]:
+    """Run what is missing of the grid (unless --report-only), then each config's best-lr summary."""
+    if not args.report_only:
+        run_grid(experiment, mqar_grid(configs, list(args.lrs), args.seeds, args.steps, args.train_flags),
+                 args.parallel, args.deadline_s)
+    return best_lr(load_results(experiment))
+
+
+def cell(summary: dict, config: str) -> str:
+    s = summary.get(config)
+    return "not run" if s is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} (lr {s['lr']:g}, {s['seeds']} seeds)"

@@ -1,0 +1,31 @@
+"""Blind Start [seed 02_mechanism_ablation]: where cross-attention sits in the decoder, at 128 pairs.
+All four decoders are 17 layers deep, so that layer 16 exists for `--hybrid 8,16`.
+
+    python experiments/blind_start.py --parallel 8 --deadline-s 540    # on the GPU, resumable
+    python experiments/blind_start.py --report-only
+
+The seed expects ~0% (no cross-attention), 85-90% (layer 0), ~95% (layers 0 and 2), ~0% (8 and 16).
+"""
+import sys
+from pathlib import Path
+
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import MQARArgs, cell, run_mqar, write_report  # noqa: E402
+
+EXPERIMENT = "blind_start"
+HYBRID = {"none": "", "0": "0", "0,2": "0,2", "8,16": "8,16"}
+EXPECTED = {"none": "~0%", "0": "85-90%", "0,2": "~95%", "8,16": "~0%"}
+
+
+def main(args: MQARArgs) -> None:
+    configs = {f"hybrid_{k}": [f"--hybrid={v}", "--decoder-layers", "17", "--num-pairs", "128"] for k, v in HYBRID.items()}
+    summary = run_mqar(EXPERIMENT, configs, args)
+    lines = ["| --hybrid | accuracy (%) | seed expects |", "|---|---|---|"]
+    lines += [f"| {v or '(empty)'} | {cell(summary, f'hybrid_{k}')} | {EXPECTED[k]} |" for k, v in HYBRID.items()]
+    write_report(EXPERIMENT, summary, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(MQARArgs))

@@ -1,0 +1,52 @@
+"""Capacity cliff [seed 01_proof_mqar_cliff]: pure Mamba (decoder_only, Mamba-2, d_state 64) against
+the hybrid `--hybrid 0,2` (seq2seq) as the number of pairs grows.
+
+    python experiments/capacity_cliff.py --parallel 8 --deadline-s 540    # on the GPU, resumable
+    python experiments/capacity_cliff.py --report-only
+
+The seed expects pure Mamba near 0% beyond d_state and the hybrid near 95% at 128 pairs.
+"""
+import sys
+from pathlib import Path
+
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import ROOT, MQARArgs, cell, run_mqar, write_report  # noqa: E402
+
+EXPERIMENT = "capacity_cliff"
+PAIRS = [16, 32, 64, 128, 256, 512]
+MODELS = {"mamba": ["--mode", "decoder_only", "--d-state", "64"], "hybrid": ["--hybrid", "0,2", "--d-state", "64"]}
+EXPECTED = {"mamba": "~0% beyond 64", "hybrid": "~95% at 128"}
+
+
+def main(args: MQARArgs) -> None:
+    configs = {f"{m}_N{n}": [*flags, "--num-pairs", str(n)] for n in PAIRS for m, flags in MODELS.items()}
+    summary = run_mqar(EXPERIMENT, configs, args)
+    lines = ["| model | " + " | ".join(f"N={n}" for n in PAIRS) + " | seed expects |", "|---" * (len(PAIRS) + 2) + "|"]
+    for m in MODELS:
+        lines.append(f"| {m} | " + " | ".join(cell(summary, f"{m}_N{n}") for n in PAIRS) + f" | {EXPECTED[m]} |")
+    write_report(EXPERIMENT, summary, "\n".join(lines))
+    plot(summary, ROOT / "results" / EXPERIMENT / "cliff.png")
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in MODELS:
+        done = [(n, summary[f"{m}_N{n}"]) for n in PAIRS if f"{m}_N{n}" in summary]
+        if done:
+            ax.errorbar([n for n, _ in done], [s["mean"] for _, s in done], [s["std"] for _, s in done],
+                        marker="o", capsize=3, label=m)
+    ax.axvline(64, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="num_pairs", ylabel="per-query accuracy (best lr, mean ± std)", ylim=(0, 1.05))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(MQARArgs))
