@@ -42,7 +42,7 @@ class TrainConfig:
     model: tyro.conf.OmitArgPrefixes[ModelConfig] = field(default_factory=ModelConfig)
     batch_size: int = 64
     """examples per process per step (the global batch is this times the number of processes)"""
-    lr: float = 3e-3
+    lr: float = 2e-3
     """peak learning rate"""
     warmup_steps: int = 50
     """linear warm-up steps, then cosine decay to lr x lr-floor at max-steps"""
