@@ -68,21 +68,23 @@ def load_checkpoint(path: Path, device: torch.device, impl: Impl = "auto"):
     return cfg, model.eval(), ckpt["step"]
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| checkpoint | mode | hybrid | d_state | step | num_pairs | acc | exact match |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['ckpt']} | {r['mode']} | {r['hybrid'] or '-'} | {r['d_state']} | {r['step']} | "
-                     f"{r['num_pairs']} | {r['acc']:.4f} | {r['exact']:.4f} |")
-    return "\n".join(lines)
+# (header, row key, format) of each task's table
+COLUMNS = {
+    "mqar": [("checkpoint", "ckpt", "{}"), ("mode", "mode", "{}"), ("hybrid", "hybrid", "{}"),
+             ("d_state", "d_state", "{}"), ("step", "step", "{}"), ("num_pairs", "num_pairs", "{}"),
+             ("acc", "acc", "{:.4f}"), ("exact match", "exact", "{:.4f}")],
+    "composite": [("checkpoint", "ckpt", "{}"), ("ssm", "ssm", "{}"), ("layers", "layers", "{}"),
+                  ("gamma", "gamma", "{}"), ("ones conv", "ones_conv", "{}"), ("pos emb", "pos_emb", "{}"),
+                  ("step", "step", "{}"), ("test acc", "acc", "{:.4f}"), ("composite", "composite", "{:.4f}"),
+                  ("symmetric", "symmetric", "{:.4f}")],
+}
 
 
-def composite_table(rows: list[dict]) -> str:
-    lines = ["| checkpoint | ssm | layers | gamma | ones conv | pos emb | step | test acc | composite | symmetric |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def markdown_table(rows: list[dict], task: str) -> str:
+    columns = COLUMNS[task]
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append(f"| {r['ckpt']} | {r['ssm']} | {r['layers']} | {r['gamma']} | {r['ones_conv']} | {r['pos_emb']} | "
-                     f"{r['step']} | {r['acc']:.4f} | {r['composite']:.4f} | {r['symmetric']:.4f} |")
+        lines.append("| " + " | ".join(fmt.format(r[k]) if r[k] != "" else "-" for _, k, fmt in columns) + " |")
     return "\n".join(lines)
 
 
@@ -139,7 +141,7 @@ def main(cfg: EvalConfig, models: list[tuple]) -> list[dict]:
             rows.append({"ckpt": str(path), "mode": task.mode, "hybrid": train_cfg.model.hybrid,
                          "ssm": train_cfg.model.ssm, "d_state": train_cfg.model.d_state, "step": step,
                          "trained_num_pairs": mqar.num_pairs, "num_pairs": n, **result})
-    print(composite_table(rows) if models[0][1].task == "composite" else markdown_table(rows))
+    print(markdown_table(rows, models[0][1].task))
     cfg.out.write_text(json.dumps(rows, indent=2))
     print(f"wrote {cfg.out}")
     if cfg.plot is not None:
