@@ -193,7 +193,7 @@ class DecoderLayer(nn.Module):
         mixer = (PolarizedMamba(cfg.ssm, cfg.d_model, cfg.d_state, cfg.impl) if cfg.use_polar else
                  make_mixer(cfg.ssm, cfg.d_model, cfg.d_state, cfg.impl))
         self.mamba = Residual(cfg.d_model, mixer, cfg.dropout)
-        self.write = (MemoryWrite(cfg.d_model, cfg.mem_summary_dim)
+        self.write = (MemoryWrite(cfg.d_model, cfg.mem_summary_dim, cfg.pool_size)
                       if cfg.pool_size and index % cfg.mem_update_freq == 0 else None)
         self.read = (Residual(cfg.d_model, MemoryRead(cfg.d_model, cfg.mem_summary_dim, cfg.pool_size), cfg.dropout)
                      if cfg.pool_size else None)

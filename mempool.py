@@ -36,10 +36,11 @@ import torch.nn.functional as F
 
 
 class Pool(NamedTuple):
-    """Every entry written so far, in the order written."""
+    """Every entry written so far, in the order written, and the read mask they give."""
     summaries: torch.Tensor  # (B, C, K)
     priority: torch.Tensor  # (B, C)
     pos: torch.Tensor  # (C,) the position each entry was written from
+    bias: torch.Tensor | None = None  # (B, L, C) read_bias, made once per write for every read after it
 
     def append(self, summaries, priority):  # (B, L, K), (B, L) -> Pool
         pos = torch.arange(summaries.shape[1], device=summaries.device)
@@ -65,15 +66,17 @@ def empty_pool(x, summary_dim: int) -> Pool:  # x (B, L, D) gives batch, device 
 class MemoryWrite(nn.Module):
     """The write gate: scores every token (its priority) and summarizes it into the pool."""
 
-    def __init__(self, d_model: int, summary_dim: int):
+    def __init__(self, d_model: int, summary_dim: int, pool_size: int):
         super().__init__()
+        self.pool_size = pool_size
         self.norm = nn.RMSNorm(d_model, eps=1e-5)
         self.score_proj = nn.Linear(d_model, 1, bias=False)  # a bias would shift every priority alike: a no-op
         self.summarize = nn.Linear(d_model, summary_dim, bias=False)
 
     def forward(self, x, pool: Pool) -> Pool:  # x (B, L, D)
         h = self.norm(x)
-        return pool.append(self.summarize(h), self.score_proj(h).squeeze(-1).float())  # (B, L, K), (B, L)
+        pool = pool.append(self.summarize(h), self.score_proj(h).squeeze(-1).float())  # (B, L, K), (B, L)
+        return pool._replace(bias=pool.read_bias(x.shape[1], self.pool_size))
 
 
 class MemoryRead(nn.Module):
@@ -89,7 +92,7 @@ class MemoryRead(nn.Module):
 
     def forward(self, x, pool: Pool):  # (B, L, D) -> (B, L, D)
         q = self.q_proj(x)[:, None]  # (B, 1, L, K): one head
-        bias = pool.read_bias(x.shape[1], self.pool_size).to(q.dtype)  # (B, L, C)
+        bias = pool.bias.to(q.dtype)  # (B, L, C)
         k, v = self.k_proj(pool.summaries)[:, None], self.v_proj(pool.summaries)[:, None]  # (B, 1, C, K|D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None])[:, 0]  # (B, L, D)
         return torch.sigmoid(self.out_gate(x)) * y
