@@ -27,6 +27,7 @@ uses Mamba-2 with one head (the seed's `MambaLMHeadModel` builds Mamba-1 layers)
 
 Only the last position is scored: the model must gather the key and both anchors there.
 """
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,9 +67,15 @@ class CompositeConfig:
             raise ValueError(f"--gamma must be > 0, got {self.gamma}")
 
 
+def answer_shift(a: int, b: int) -> int:
+    """What pair (a, b) adds to the key in training: the composition, except the broken (3, 4)."""
+    return BROKEN_SHIFT if (a, b) == BROKEN else SHIFT[a] + SHIFT[b]
+
+
 def sample(n: int, pairs: list[tuple[int, int]], congruent: bool, g: torch.Generator):
     """n sequences of the given anchor pairs. congruent: the key's residue mod 8 equals its
-    position (test) or never does (train). Returns tokens (n, 8), keys (n,), pair index (n,)."""
+    position (test) or never does (train). Returns tokens (n, 8), keys (n,) and the answers
+    (n,) that `answer_shift` gives (for (4, 3), never trained, that is the composite answer)."""
     which = torch.randint(len(pairs), (n,), generator=g)  # (n,)
     pos = torch.randint(SEQ_LEN - 2, (n,), generator=g)  # (n,) the key's position, anchors after it
     key = torch.randint(KEY_LO, KEY_HI, (n,), generator=g)  # (n,)
@@ -80,21 +87,23 @@ def sample(n: int, pairs: list[tuple[int, int]], congruent: bool, g: torch.Gener
     anchors = torch.tensor(pairs)[which]  # (n, 2)
     rows = torch.arange(n)
     tokens[rows, pos], tokens[rows, pos + 1], tokens[rows, pos + 2] = key, anchors[:, 0], anchors[:, 1]
-    return tokens, key, which
-
-
-def label(key: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """The trained answer of pair (a, b): the composition, except for the broken pair (3, 4)."""
-    return (key + (BROKEN_SHIFT if (a, b) == BROKEN else SHIFT[a] + SHIFT[b])) % VOCAB_SIZE
+    answers = (key + torch.tensor([answer_shift(a, b) for a, b in pairs])[which]) % VOCAB_SIZE  # (n,)
+    return tokens, key, answers
 
 
 def train_set(cfg: CompositeConfig, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed training set, tokens (n, 8) and labels (n,): drawn once on the CPU from the run's
     seed (the same examples on any machine), then kept on the device."""
     g = torch.Generator().manual_seed(batch_seed(TRAIN, seed, 0, 0))
-    tokens, key, which = sample(cfg.num_train, TRAIN_PAIRS, congruent=False, g=g)
-    labels = torch.stack([label(key, a, b) for a, b in TRAIN_PAIRS])  # (15, n): every pair's answer
-    return tokens.to(device), labels.gather(0, which[None]).squeeze(0).to(device)
+    tokens, _, labels = sample(cfg.num_train, TRAIN_PAIRS, congruent=False, g=g)
+    return tokens.to(device), labels.to(device)
+
+
+@functools.lru_cache(maxsize=1)
+def epoch_order(n: int, seed: int, epoch: int, device) -> torch.Tensor:
+    """The permutation of the training set that epoch `epoch` walks (made once per epoch)."""
+    g = torch.Generator(device=device).manual_seed(batch_seed(TRAIN, seed, epoch, 0))
+    return torch.randperm(n, generator=g, device=device)
 
 
 def train_batch(data, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> Batch:
@@ -105,21 +114,19 @@ def train_batch(data, batch_size: int, step: int, seed: int, rank: int = 0, worl
     if per_epoch == 0:
         raise ValueError(f"--batch-size {batch_size} x {world} processes exceeds --num-train {len(tokens)}")
     epoch, i = divmod(step, per_epoch)
-    g = torch.Generator(device=tokens.device).manual_seed(batch_seed(TRAIN, seed, epoch, 0))
-    perm = torch.randperm(len(tokens), generator=g, device=tokens.device)
-    idx = perm[(i * world + rank) * batch_size:(i * world + rank + 1) * batch_size]
+    idx = epoch_order(len(tokens), seed, epoch, tokens.device)[(i * world + rank) * batch_size:
+                                                               (i * world + rank + 1) * batch_size]
     return Batch((tokens[idx],), labels[idx, None])
 
 
 def test_sets(cfg: CompositeConfig, device) -> dict:
     """The two test sets, the same for every run (seed 0 of the TEST split)."""
     g = torch.Generator().manual_seed(batch_seed(TEST, 0, 0, 0))
-    tokens, key, which = sample(cfg.num_test, TRAIN_PAIRS, congruent=True, g=g)
-    labels = torch.stack([label(key, a, b) for a, b in TRAIN_PAIRS]).gather(0, which[None]).squeeze(0)
-    held_out, key, _ = sample(cfg.num_test, [HELD_OUT], congruent=True, g=g)
+    tokens, _, labels = sample(cfg.num_test, TRAIN_PAIRS, congruent=True, g=g)
+    held_out, key, composed = sample(cfg.num_test, [HELD_OUT], congruent=True, g=g)
     return {k: v.to(device) for k, v in {
         "tokens": tokens, "labels": labels, "held_out": held_out,
-        "composite": (key + SHIFT[4] + SHIFT[3]) % VOCAB_SIZE, "symmetric": (key + BROKEN_SHIFT) % VOCAB_SIZE}.items()}
+        "composite": composed, "symmetric": (key + BROKEN_SHIFT) % VOCAB_SIZE}.items()}
 
 
 @torch.no_grad()
