@@ -113,8 +113,8 @@ def parse_args(args: list[str] | None = None) -> TrainConfig:
     """tyro over TrainConfig, starting from COMPOSITE_DEFAULTS when `--task composite` is given."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task", default="mqar")
-    composite = pre.parse_known_args(args)[0].task == "composite"
-    return tyro.cli(TrainConfig, args=args, default=TrainConfig(**COMPOSITE_DEFAULTS) if composite else None)
+    is_composite = pre.parse_known_args(args)[0].task == "composite"
+    return tyro.cli(TrainConfig, args=args, default=TrainConfig(**COMPOSITE_DEFAULTS) if is_composite else None)
 
 
 def build(cfg: TrainConfig, device) -> torch.nn.Module:
