@@ -145,8 +145,8 @@ def evaluate(model, tests: dict) -> dict:
 
 class CompositeMamba(nn.Module):
     """The paper's model: token (+ positional) embedding, `layers` pre-norm residual Mamba-2
-    blocks (Mamba-1 with --ssm mamba1, as the seed built), RMSNorm, a head tied to the embedding; logits of the last position only.
-    model(tokens): tokens (B, 8) -> logits (B, 1, V)."""
+    blocks (Mamba-1 with --ssm mamba1, as the seed built), RMSNorm, a head tied to the embedding;
+    logits of the last position only. model(tokens): tokens (B, 8) -> logits (B, 1, V)."""
 
     def __init__(self, ssm: Literal["mamba2", "mamba1"], d_model: int, d_state: int, layers: int,
                  cfg: CompositeConfig, impl: Impl = "auto"):

@@ -10,21 +10,20 @@ shallow first), so a partial slice of device time finishes whole groups. Every r
 plus the flags below; --epochs shortens them all alike (say so when you report).
 """
 import json
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import ROOT, load_results, run_grid  # noqa: E402
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+from runner import ROOT, load_results, mean_std, run_grid  # noqa: E402
+from train import COMPOSITE_EPOCH as STEPS_PER_EPOCH  # noqa: E402
 
 EXPERIMENT = "achilles"
 LAYERS = [2, 3, 4, 5, 6, 7]
 GAMMAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0]
 BEST = (7, 1.0)
-STEPS_PER_EPOCH = 300_000 // 2048
 
 
 @dataclass(frozen=True)
@@ -69,8 +68,7 @@ def summarize(results: list[dict]) -> dict[str, dict]:
     for config, rows in by_config.items():
         out[config] = {"seeds": len(rows), "epochs": sorted({round(row["step"] / STEPS_PER_EPOCH) for row in rows})}
         for key in ("acc", "composite", "symmetric"):
-            values = [row[key] for row in rows]
-            out[config][key] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+            out[config][key] = mean_std([row[key] for row in rows])
     return out
 
 

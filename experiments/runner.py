@@ -40,7 +40,7 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
     """Train every run of `grid` not done yet, `parallel` at a time; returns the names still missing."""
     start = time.monotonic()
     todo = [name for name in grid if not result_path(experiment, name).exists()]
-    running: dict[str, tuple[subprocess.Popen, Path]] = {}
+    running: dict[str, tuple[subprocess.Popen, Path, object]] = {}  # name -> process, its dir, its log file
     print(f"{experiment}: {len(grid) - len(todo)} of {len(grid)} runs done, {len(todo)} to go", flush=True)
     while todo or running:
         late = time.monotonic() - start > deadline_s
@@ -51,14 +51,15 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
             resume = ["--resume"] if (run_dir / "ckpt.pt").exists() else []
             cmd = [sys.executable, "train.py", *grid[name], "--out-dir", str(run_dir), *resume]
             log = open(run_dir / "train.log", "a")
-            running[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), run_dir)
+            running[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), run_dir, log)
             print(f"  start {name}{' (resumed)' if resume else ''}", flush=True)
-        for name, (proc, run_dir) in list(running.items()):
+        for name, (proc, run_dir, log) in list(running.items()):
             if late and proc.poll() is None:
                 proc.terminate()  # its last checkpoint is the resume point
             if proc.poll() is None:
                 continue
             del running[name]
+            log.close()
             if proc.returncode == 0:
                 finish(experiment, name, grid[name], run_dir)
                 print(f"  done  {name} ({time.monotonic() - start:.0f} s)", flush=True)
@@ -86,6 +87,10 @@ def mqar_grid(configs: dict[str, list[str]], lrs: list[float], seeds: int, steps
             for config, flags in configs.items() for lr in lrs for seed in range(seeds)}
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def best_lr(results: list[dict]) -> dict[str, dict]:
     """Config -> the lr whose mean accuracy over seeds is highest, and that mean and std
     (Zoology's protocol: each architecture gets its best learning rate)."""
@@ -96,8 +101,8 @@ def best_lr(results: list[dict]) -> dict[str, dict]:
     out = {}
     for config, by_lr in by_run.items():
         lr, accs = max(by_lr.items(), key=lambda kv: statistics.mean(kv[1]))
-        out[config] = {"lr": float(lr), "seeds": len(accs), "mean": statistics.mean(accs),
-                       "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+        mean, std = mean_std(accs)
+        out[config] = {"lr": float(lr), "seeds": len(accs), "mean": mean, "std": std}
     return out
 
 
