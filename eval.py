@@ -135,7 +135,7 @@ def main(cfg: EvalConfig, models: list[tuple]) -> list[dict]:
         mqar = train_cfg.mqar
         for n in sweep or [mqar.num_pairs]:
             # Keep the trained number of queries where it fits; a smaller context caps it.
-            task = dataclasses.replace(mqar, num_pairs=n, num_queries=min(mqar.queries, n))
+            task = mqar.with_pairs(n)
             with autocast_for(device):  # the precision the model trained in on this device
                 result = evaluate(model, task, cfg.eval_batches, device)
             rows.append({"ckpt": str(path), "mode": task.mode, "hybrid": train_cfg.model.hybrid,

@@ -17,7 +17,7 @@ N d_state, K conv width, R dt rank (Mamba1), C chunks, T chunk length.
 """
 import functools
 import math
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -29,25 +29,87 @@ D_CONV = 4  # K
 EXPAND = 2  # E = EXPAND * D
 REF_CHUNK = 64  # T of the reference SSD; any T gives the same function
 KERNEL_CHUNK = 256  # mamba-ssm's default chunk for its SSD kernel
-
-
-class Kernels(NamedTuple):
-    mamba1: Callable  # mamba_inner_fn: in_proj output -> conv -> selective scan -> gate -> out_proj
-    mamba2: Callable  # mamba_split_conv1d_scan_combined: the same for SSD, with the gated RMSNorm
+NORM_EPS = 1e-5  # Mamba2's gated RMSNorm
 
 
 @functools.cache
-def kernels() -> Kernels | None:
-    """The fused ops, or None where they cannot be imported (no CUDA build, no GPU stack)."""
+def kernels() -> dict[str, Callable] | None:
+    """The fused ops by mixer, or None where they cannot be imported (no CUDA build, no GPU stack).
+    Each takes its mixer's tensors in a fixed order, out_proj's weight last, and does in_proj's
+    output -> conv -> scan -> gate (-> norm) -> out_proj in one autograd function."""
     try:
         from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
         from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
     except Exception:  # ImportError, or a CUDA extension that fails to load
         return None
-    # torch.compile cannot trace into their Triton/CUDA autograd functions; it compiles around
-    # them (a graph break at each call), and disable() says so up front instead of letting dynamo
-    # try and fail on every layer. bench.py measures what compiling the rest is worth.
-    return Kernels(torch.compiler.disable(mamba_inner_fn), torch.compiler.disable(mamba_split_conv1d_scan_combined))
+
+    def mamba1(xz, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias, out_w):  # (B, 2E, L) -> (B, L, D)
+        return mamba_inner_fn(xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_w, None, A, None, None, D,
+                              delta_bias=dt_bias, delta_softplus=True)
+
+    def mamba2(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w):  # (B, L, E + E+2N + H) -> (B, L, D)
+        return mamba_split_conv1d_scan_combined(
+            zxbcdt, conv_w, conv_b, dt_bias, A, D, KERNEL_CHUNK, activation="silu", rmsnorm_weight=norm_w,
+            rmsnorm_eps=NORM_EPS, outproj_weight=out_w, headdim=HEADDIM, ngroups=1, norm_before_gate=False)
+
+    return {"mamba1": mamba1, "mamba2": mamba2}
+
+
+def fused_mixer(kind: str, *args: torch.Tensor) -> torch.Tensor:
+    """Mixer `kind`'s fused kernel. Eager, mamba-ssm's autograd function runs as it is. Dynamo
+    cannot trace into its Triton/CUDA code, and compiling around it costs a graph break per layer
+    (bench.py measured that slower than eager), so under torch.compile it goes through the custom
+    op below, which the graph holds as one opaque node (torch.library.custom_op, PyTorch >= 2.4).
+
+    The caller casts the matmul weights to the activations' dtype, which is what mamba-ssm does
+    itself under autocast; so the op's output dtype is its input's, with autocast on or off."""
+    if torch.compiler.is_compiling():
+        return fused_mixer_op(kind, list(args))
+    return kernels()[kind](*args)
+
+
+@torch.library.custom_op("align_mamba::fused_mixer", mutates_args=())
+def fused_mixer_op(kind: str, args: list[torch.Tensor]) -> torch.Tensor:
+    with torch.autocast("cuda", enabled=False):  # the inputs are cast already (fused_mixer)
+        return kernels()[kind](*args)
+
+
+@fused_mixer_op.register_fake
+def _(kind, args):  # the output's shape and dtype, for tracing: (B, L, D)
+    x, out_w = args[0], args[-1]
+    length = x.shape[1] if kind == "mamba2" else x.shape[2]  # mamba1 takes xz as (B, 2E, L)
+    return x.new_empty(x.shape[0], length, out_w.shape[0])
+
+
+@torch.library.custom_op("align_mamba::fused_mixer_backward", mutates_args=())
+def fused_mixer_backward_op(kind: str, args: list[torch.Tensor], grad: torch.Tensor) -> list[torch.Tensor]:
+    """Every input's gradient. The forward op kept only its inputs, so this runs the forward again
+    with autograd on and then mamba-ssm's backward: one more forward kernel per layer and step.
+    A custom op's body runs below the autograd dispatch keys; the two guards let it record the
+    recomputed forward (private torch API, present in 2.11 and 2.13; the GPU tests exercise it)."""
+    keys = torch._C.DispatchKey
+    with (torch.enable_grad(), torch.autocast("cuda", enabled=False),
+          torch._C._SetExcludeDispatchKeyGuard(keys.AutogradFunctionality, False),
+          torch._C._SetExcludeDispatchKeyGuard(keys.ADInplaceOrView, False)):
+        args = [a.detach().requires_grad_() for a in args]
+        return [g.contiguous() for g in torch.autograd.grad(kernels()[kind](*args), args, grad)]
+
+
+@fused_mixer_backward_op.register_fake
+def _(kind, args, grad):
+    return [a.new_empty(a.shape) for a in args]
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.kind = inputs[0]
+    ctx.save_for_backward(*inputs[1])
+
+
+def _backward(ctx, grad):
+    return None, fused_mixer_backward_op(ctx.kind, list(ctx.saved_tensors), grad)
+
+
+fused_mixer_op.register_autograd(_backward, setup_context=_save_inputs)
 
 
 def check_impl(impl: Impl, device: torch.device) -> None:
@@ -180,13 +242,12 @@ def selective_scan_reference(u, dt, A, B, C):
 class GatedRMSNorm(nn.Module):
     """Mamba-2's output norm, y = RMSNorm(y * silu(z)) (mamba-ssm `RMSNormGated`, norm_before_gate=False)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int):
         super().__init__()
-        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y, z):
-        return F.rms_norm(y * F.silu(z), (y.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(y * F.silu(z), (y.shape[-1],), self.weight, NORM_EPS)
 
 
 class Mamba2(nn.Module):
@@ -211,11 +272,8 @@ class Mamba2(nn.Module):
         zxbcdt = self.in_proj(u)  # (B, L, E + E+2N + H)
         A = -torch.exp(self.A_log.float())  # (H,)
         if use_kernel(self.impl, u):
-            return kernels().mamba2(
-                zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, self.D,
-                KERNEL_CHUNK, activation="silu", rmsnorm_weight=self.norm.weight,
-                rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight,
-                outproj_bias=self.out_proj.bias, headdim=HEADDIM, ngroups=1, norm_before_gate=False)
+            return fused_mixer("mamba2", zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
+                               A, self.D, self.norm.weight, self.out_proj.weight.to(zxbcdt.dtype))
         b, L, _ = u.shape
         z, xBC, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * self.d_state, self.nheads], dim=-1)
         x, B, C = causal_conv(xBC, self.conv1d).split([self.d_inner, self.d_state, self.d_state], dim=-1)
@@ -252,10 +310,9 @@ class Mamba1(nn.Module):
         xz = self.in_proj(u)  # (B, L, 2E)
         A = -torch.exp(self.A_log.float())  # (E, N)
         if use_kernel(self.impl, u):
-            return kernels().mamba1(
-                xz.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
-                self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A, None, None,
-                self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+            return fused_mixer("mamba1", xz.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                               self.x_proj.weight.to(xz.dtype), self.dt_proj.weight.to(xz.dtype), A,
+                               self.D.float(), self.dt_proj.bias.float(), self.out_proj.weight.to(xz.dtype))
         x, z = xz.chunk(2, dim=-1)  # (B, L, E) each
         x = causal_conv(x, self.conv1d)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)

@@ -501,6 +501,28 @@ KERNEL_TOL_CASE = {("composite", "fp32"): (1e-3, 5e-2)}
 
 
 @needs_kernels
+@pytest.mark.parametrize("ssm", ["mamba2", "mamba1"])
+def test_compiled_kernel_path_is_one_graph_and_matches_eager(ssm):
+    """Under torch.compile the fused kernels go through a custom op: one graph (fullgraph=True
+    fails on any break), and the same output and gradients as eager mamba-ssm."""
+    build, inputs = KERNEL_CASES[ssm]
+    torch.manual_seed(0)
+    eager = build("kernel").cuda()
+    compiled = build("kernel").cuda()
+    compiled.load_state_dict(eager.state_dict())
+    x = inputs()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outs = [eager(*x).float(), torch.compile(compiled, fullgraph=True)(*x).float()]
+    grad = torch.randn_like(outs[0])
+    for out in outs:
+        out.backward(grad)
+    errors = {"out": rel_err(outs[1], outs[0])}
+    errors |= {n: rel_err(q.grad, p.grad) for (n, p), q in zip(eager.named_parameters(), compiled.parameters())}
+    print(f"compiled vs eager kernels, {ssm} bf16: {max(errors.values()):.1e}")
+    assert max(errors.values()) < 1e-2, errors
+
+
+@needs_kernels
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_kernel_matches_reference(case, precision):

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import composite
 from composite import CompositeConfig, CompositeMamba
 from hybrid import ModelConfig, build_model
-from mqar import IGNORE, TRAIN, MQARConfig, evaluate, make_batch
+from mqar import CURRICULUM_ACC, IGNORE, TRAIN, MQARConfig, evaluate, make_batch
 from ssm import check_impl
 
 
@@ -196,9 +196,11 @@ def train(cfg: TrainConfig) -> dict:
     # ---- the task's data, model, optimizer, and the state of a run being resumed
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = build(cfg, device)  # fp32 master weights
+    sizes = cfg.mqar.train_sizes() if cfg.task == "mqar" else ()
+    level = 0  # the curriculum's rung: MQAR training batches have sizes[level] pairs
     if cfg.task == "mqar":
         def next_batch(step):
-            return make_batch(cfg.mqar, cfg.batch_size, TRAIN, cfg.seed, step, rank, device)
+            return make_batch(cfg.mqar.with_pairs(sizes[level]), cfg.batch_size, TRAIN, cfg.seed, step, rank, device)
 
         def score(model):
             return evaluate(model, cfg.mqar, cfg.eval_batches, device, rank, world)
@@ -221,7 +223,7 @@ def train(cfg: TrainConfig) -> dict:
                              f"{saved.model}, {saved.task}, {saved.mqar}, {saved.composite}")
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+        step, level = ckpt["step"], ckpt.get("level", 0)
         rng = ckpt["rng"][rank] if len(ckpt["rng"]) == world else None
     if rng is None:
         torch.manual_seed(cfg.seed * 1009 + rank + step)  # dropout differs across ranks
@@ -245,10 +247,10 @@ def train(cfg: TrainConfig) -> dict:
             states = [rng_state(device)]
         if master:
             save_checkpoint(ckpt_path, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                            config=cfg.as_dict(), step=step, rng=states)
+                            config=cfg.as_dict(), step=step, level=level, rng=states)
 
     # ---- the loop
-    tokens_per_step = world * sum(x.numel() for x in next_batch(0).inputs)
+    tokens = 0  # since the last log line; shapes are known on the host, so counting costs no sync
     loss_sum = torch.zeros((), device=device)
     correct_sum = torch.zeros((), device=device)
     queries_sum = torch.zeros((), device=device)
@@ -261,25 +263,33 @@ def train(cfg: TrainConfig) -> dict:
         batch = next_batch(step)
         loss, logits = train_step(ddp_model, optimizer, batch, autocast, cfg.grad_clip)
         step += 1
+        tokens += world * sum(x.numel() for x in batch.inputs)
 
         with torch.no_grad():  # running sums on the device: no host sync until the log line
             asked = batch.labels != IGNORE
             loss_sum += loss
             correct_sum += ((logits.argmax(-1) == batch.labels) & asked).sum()  # a mask, not indexing: no sync
             queries_sum += asked.sum()
-        if step % cfg.log_every == 0 and master:
-            dt = time.perf_counter() - t_log
-            n = step - step_log
-            print(f"step {step:6d} | loss {loss_sum.item() / n:.4f} | train acc {correct_sum.item() / queries_sum.item():.3f}"
-                  f" | lr {lr:.2e} | {n / dt:.2f} steps/s | {n * tokens_per_step / dt:,.0f} tok/s", flush=True)
         if step % cfg.log_every == 0:
+            sums = torch.stack([loss_sum, correct_sum, queries_sum])
+            if distributed:
+                dist.all_reduce(sums)  # every rank must take the same curriculum step
+            loss_avg, train_acc = sums[0].item() / ((step - step_log) * world), (sums[1] / sums[2]).item()
+            dt = time.perf_counter() - t_log
+            if master:
+                pairs = f" | {sizes[level]} pairs" if sizes else ""
+                print(f"step {step:6d} | loss {loss_avg:.4f} | train acc {train_acc:.3f}{pairs} | lr {lr:.2e}"
+                      f" | {(step - step_log) / dt:.2f} steps/s | {tokens / dt:,.0f} tok/s", flush=True)
+            if train_acc >= CURRICULUM_ACC and level < len(sizes) - 1:
+                level += 1
             loss_sum.zero_(), correct_sum.zero_(), queries_sum.zero_()
-            t_log, step_log = time.perf_counter(), step
+            t_log, step_log, tokens = time.perf_counter(), step, 0
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             with autocast:
                 scores = score(model)
-            result = {"step": step, "lr": lr, "elapsed_s": round(time.perf_counter() - t_start, 2), **scores}
+            result = {"step": step, "lr": lr, "elapsed_s": round(time.perf_counter() - t_start, 2),
+                      **({"train_pairs": sizes[level]} if sizes else {}), **scores}
             checkpoint(step)
             if master:
                 print(f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()
