@@ -15,6 +15,7 @@ import tyro
 
 import composite
 import eval as evaluation
+import train as train_module
 from composite import CompositeConfig, CompositeMamba
 from hybrid import Attention, ModelConfig, MambaLM, Seq2Seq, build_model
 from mempool import MemoryRead, Pool
@@ -234,6 +235,7 @@ def test_mqar_batches_are_reproducible_and_splits_disjoint():
     (dict(num_pairs=0), "--num-pairs must be in [1, 4086]"),
     (dict(num_pairs=5000), "--num-pairs must be in [1, 4086]"),
     (dict(num_pairs=8, num_queries=9), "--num-queries must be in [1, --num-pairs=8]"),
+    (dict(min_pairs=0), "--min-pairs must be >= 1"),
 ])
 def test_bad_task_flags_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -305,6 +307,19 @@ def test_tiny_model_learns_mqar(tmp_path, decoder):
     assert result["acc"] >= 0.65, result
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["acc"] == result["acc"]
+
+
+def test_curriculum_sizes_and_steps(tmp_path, monkeypatch):
+    assert MQARConfig(num_pairs=128).train_sizes() == (8, 16, 32, 64, 128)
+    assert MQARConfig(num_pairs=100, min_pairs=16).train_sizes() == (16, 32, 64, 100)
+    assert MQARConfig(num_pairs=4).train_sizes() == (4,)  # min-pairs is capped at num-pairs
+    assert MQARConfig(num_pairs=32).with_pairs(8).queries == 8  # queries capped by the context
+    # The rung moves up at a log line whose training accuracy reached the bar, and is saved.
+    cfg = tiny_run(tmp_path, mqar=MQARConfig(num_pairs=8, min_pairs=2), max_steps=6, log_every=2, eval_every=6)
+    monkeypatch.setattr(train_module, "CURRICULUM_ACC", 0.0)  # every log line passes: 2, 4, 8 pairs
+    assert train(cfg)["train_pairs"] == 8 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["level"] == 2
+    monkeypatch.setattr(train_module, "CURRICULUM_ACC", 1.1)  # none does: stays at 2 pairs
+    assert train(dataclasses.replace(cfg, out_dir=tmp_path / "flat"))["train_pairs"] == 2
 
 
 def test_checkpoint_round_trip_and_resume(tmp_path):
