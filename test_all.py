@@ -515,6 +515,19 @@ KERNEL_TOL = {"fp32": (1e-3, 1e-2), "bf16": (3e-2, 1e-1)}
 KERNEL_TOL_CASE = {("composite", "fp32"): (1e-3, 5e-2)}
 
 
+def path_errors(spec: torch.nn.Module, other: torch.nn.Module, x: tuple, autocast) -> dict:
+    """Relative errors of `other` against `spec`, which hold the same parameters: the output, and
+    each parameter's gradient for one random output gradient."""
+    with autocast:
+        outs = [m(*x).float() for m in (spec, other)]
+    grad = torch.randn_like(outs[0])
+    for out in outs:
+        out.backward(grad)
+    errors = {"out": rel_err(outs[1], outs[0])}
+    return errors | {n: rel_err(q.grad, p.grad) for (n, p), q in zip(spec.named_parameters(), other.parameters())
+                     if p.grad is not None and p.grad.norm() > 0}  # rows of the embedding no token used stay zero
+
+
 @needs_kernels
 @pytest.mark.parametrize("ssm", ["mamba2", "mamba1"])
 def test_compiled_kernel_path_is_one_graph_and_matches_eager(ssm):
@@ -525,14 +538,8 @@ def test_compiled_kernel_path_is_one_graph_and_matches_eager(ssm):
     eager = build("kernel").cuda()
     compiled = build("kernel").cuda()
     compiled.load_state_dict(eager.state_dict())
-    x = inputs()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        outs = [eager(*x).float(), torch.compile(compiled, fullgraph=True)(*x).float()]
-    grad = torch.randn_like(outs[0])
-    for out in outs:
-        out.backward(grad)
-    errors = {"out": rel_err(outs[1], outs[0])}
-    errors |= {n: rel_err(q.grad, p.grad) for (n, p), q in zip(eager.named_parameters(), compiled.parameters())}
+    errors = path_errors(eager, torch.compile(compiled, fullgraph=True), inputs(),
+                         torch.autocast("cuda", dtype=torch.bfloat16))
     print(f"compiled vs eager kernels, {ssm} bf16: {max(errors.values()):.1e}")
     assert max(errors.values()) < 1e-2, errors
 
@@ -547,16 +554,8 @@ def test_kernel_matches_reference(case, precision):
     kernel = build("kernel").cuda()
     reference = build("reference").cuda()
     reference.load_state_dict(kernel.state_dict())
-    x = inputs()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
-    with autocast:
-        outs = [m(*x).float() for m in (kernel, reference)]
-    grad = torch.randn_like(outs[0])
-    for out in outs:
-        out.backward(grad)
-    errors = {"out": rel_err(*outs)}
-    errors |= {n: rel_err(p.grad, q.grad) for (n, p), q in zip(kernel.named_parameters(), reference.parameters())
-               if q.grad is not None and q.grad.norm() > 0}  # rows of the embedding no token used stay zero
+    errors = path_errors(reference, kernel, inputs(),
+                         torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"))
     worst = max((v, k) for k, v in errors.items() if k != "out")
     print(f"{case} {precision}: out {errors['out']:.1e}, worst grad {worst[0]:.1e} ({worst[1]})")
     out_tol, grad_tol = KERNEL_TOL_CASE.get((case, precision), KERNEL_TOL[precision])

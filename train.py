@@ -5,7 +5,8 @@
     python train.py --task composite --decoder-layers 7 --gamma 1.0             # the paper's defaults
 
 A straight script in the nanoGPT mould: config, DDP from torchrun's environment, model, optimizer,
-warm-up + cosine LR, the loop, periodic held-out evaluation, atomic checkpoints.
+warm-up + cosine LR, the MQAR pairs curriculum (mqar.py), the loop, periodic held-out evaluation,
+atomic checkpoints.
 """
 import argparse
 import dataclasses
