@@ -197,11 +197,11 @@ def train(cfg: TrainConfig) -> dict:
     # ---- the task's data, model, optimizer, and the state of a run being resumed
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = build(cfg, device)  # fp32 master weights
-    sizes = cfg.mqar.train_sizes() if cfg.task == "mqar" else ()
-    level = 0  # the curriculum's rung: MQAR training batches have sizes[level] pairs
+    rungs = [cfg.mqar.with_pairs(n) for n in cfg.mqar.train_sizes()] if cfg.task == "mqar" else []
+    level = 0  # the curriculum's rung: MQAR training batches are rungs[level]
     if cfg.task == "mqar":
         def next_batch(step):
-            return make_batch(cfg.mqar.with_pairs(sizes[level]), cfg.batch_size, TRAIN, cfg.seed, step, rank, device)
+            return make_batch(rungs[level], cfg.batch_size, TRAIN, cfg.seed, step, rank, device)
 
         def score(model):
             return evaluate(model, cfg.mqar, cfg.eval_batches, device, rank, world)
@@ -278,10 +278,10 @@ def train(cfg: TrainConfig) -> dict:
             loss_avg, train_acc = sums[0].item() / ((step - step_log) * world), (sums[1] / sums[2]).item()
             dt = time.perf_counter() - t_log
             if master:
-                pairs = f" | {sizes[level]} pairs" if sizes else ""
+                pairs = f" | {rungs[level].num_pairs} pairs" if rungs else ""
                 print(f"step {step:6d} | loss {loss_avg:.4f} | train acc {train_acc:.3f}{pairs} | lr {lr:.2e}"
                       f" | {(step - step_log) / dt:.2f} steps/s | {tokens / dt:,.0f} tok/s", flush=True)
-            if train_acc >= CURRICULUM_ACC and level < len(sizes) - 1:
+            if train_acc >= CURRICULUM_ACC and level < len(rungs) - 1:
                 level += 1
             loss_sum.zero_(), correct_sum.zero_(), queries_sum.zero_()
             t_log, step_log, tokens = time.perf_counter(), step, 0
@@ -290,7 +290,7 @@ def train(cfg: TrainConfig) -> dict:
             with autocast:
                 scores = score(model)
             result = {"step": step, "lr": lr, "elapsed_s": round(time.perf_counter() - t_start, 2),
-                      **({"train_pairs": sizes[level]} if sizes else {}), **scores}
+                      **({"train_pairs": rungs[level].num_pairs} if rungs else {}), **scores}
             checkpoint(step)
             if master:
                 print(f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()
