@@ -19,6 +19,7 @@ Shape letters: B batch, S encoder length, L decoder length, D d_model, H heads, 
 """
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,8 +39,9 @@ class ModelConfig:
     """model width D (a multiple of 32 for mamba2, whose heads are 64 wide and E = 2 D)"""
     d_state: int = 64
     """SSM state size N per channel (mamba1) or per head (mamba2)"""
-    ssm: Literal["mamba2", "mamba1"] = "mamba2"
-    """mamba2: SSD, scalar A per head; mamba1: selective scan, A per channel and state"""
+    ssm: Literal["mamba1", "mamba2"] = "mamba1"
+    """mamba1: selective scan, A per channel and state; mamba2: SSD, scalar A per head (on the default
+    model mamba1 learned 128 pairs in 400 steps at lr 1e-3 and 2e-3, mamba2 needed lr 5e-4: README)"""
     encoder_layers: int = 4
     """bidirectional Mamba layers in the encoder (seq2seq only)"""
     decoder_layers: int = 4
@@ -260,9 +262,15 @@ class LanguageModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def init_weights(self):
+    def init_weights(self, n_layers: int):
         """Mamba's LM init (mamba-ssm `mixer_seq_simple._init_weights`): Linear biases zero except
         dt_proj's (marked `_no_reinit`); A_log, D, dt_bias and the conv keep their mixer's init.
+
+        Every residual branch's `out_proj` is divided by sqrt(2 n_layers), mamba-ssm's
+        `rescale_prenorm_residual` (after GPT-2) with two branches per layer (Mamba, and attention or
+        the memory read), so the residual stream does not grow with depth at init. On the default
+        model (d_model 256, 4 + 4 layers) it took Mamba2 at lr 5e-4 from no key match in 4,000
+        steps to 95% at 128 pairs in 600, and Mamba1 from 4.0% to 82.8% at step 200 (README).
 
         One change: embeddings N(0, 1/D) instead of N(0, 0.02). The head is tied and sees a
         unit-RMS hidden state, so this starts the logits at unit variance; with 0.02 they start at
@@ -272,6 +280,9 @@ class LanguageModel(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None and not getattr(m.bias, "_no_reinit", False):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.embed.weight, std=self.cfg.d_model ** -0.5)
+        for name, p in self.named_parameters():
+            if name.endswith("out_proj.weight"):
+                p.data.div_(math.sqrt(2 * n_layers))
 
     def logits(self, h):  # (B, L, D) -> (B, L, V), output projection tied to the embedding
         return h @ self.embed.weight.T
@@ -284,7 +295,7 @@ class Seq2Seq(LanguageModel):
         super().__init__(cfg)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.init_weights()
+        self.init_weights(cfg.encoder_layers + cfg.decoder_layers)
 
     def forward(self, src, tgt):
         memory = self.encoder(self.dropout(self.embed(src)))  # (B, S, D)
@@ -297,7 +308,7 @@ class MambaLM(LanguageModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.decoder = Decoder(dataclasses.replace(cfg, hybrid=""))
-        self.init_weights()
+        self.init_weights(cfg.decoder_layers)
 
     def forward(self, tokens):
         return self.logits(self.decoder(self.dropout(self.embed(tokens))))

@@ -106,7 +106,7 @@ COMPOSITE_DEFAULTS = dict(
     task="composite", batch_size=2048, lr=2.5e-4, lr_floor=1e-5 / 2.5e-4, beta2=0.999,
     warmup_steps=10 * COMPOSITE_EPOCH, max_steps=200 * COMPOSITE_EPOCH, eval_every=5 * COMPOSITE_EPOCH,
     log_every=COMPOSITE_EPOCH, target_acc=2.0, out_dir=Path("runs/composite"),
-    model=ModelConfig(d_model=32, d_state=128, decoder_layers=7, dropout=0.0,
+    model=ModelConfig(ssm="mamba2", d_model=32, d_state=128, decoder_layers=7, dropout=0.0,
                       hybrid="", head_dim=32))  # no attention here; these two just pass validation
 
 
@@ -232,7 +232,9 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_rng_state(rng["cpu"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    # One static graph per curriculum rung (its shapes), compiled when the rung first comes up.
+    # Dynamo's default would retrace the second shape as a dynamic-shape graph, which compiles slower.
+    model = torch.compile(raw_model, dynamic=False) if cfg.compile else raw_model
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
     if master:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
