@@ -5,6 +5,7 @@ and skip with the reason elsewhere.
 """
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -264,26 +265,39 @@ def test_cli_rejects_bad_flags_before_work(tmp_path):
 # ---- the model's parameterization
 
 def test_mamba_init_survives_model_init():
-    model = Seq2Seq(dataclasses.replace(SMALL, ssm="mamba1"))
+    model = Seq2Seq(SMALL)
     mixer = model.decoder.layers[1].mamba.mixer
     assert isinstance(mixer, Mamba1)
     torch.testing.assert_close(mixer.A_log, torch.arange(1, 9).float().log().repeat(mixer.d_inner, 1))
     dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
     assert (dt >= 1e-4).all() and (dt <= 0.1 + 1e-6).all() and dt.std() > 0, "dt_proj.bias was re-initialized"
-    m2 = Seq2Seq(SMALL).decoder.layers[1].mamba.mixer
+    m2 = Seq2Seq(dataclasses.replace(SMALL, ssm="mamba2")).decoder.layers[1].mamba.mixer
     assert isinstance(m2, Mamba2)
     assert ((-m2.A_log.exp() <= -1) & (-m2.A_log.exp() >= -16)).all()
     assert torch.equal(m2.D, torch.ones_like(m2.D))
 
 
-def test_ssm_parameters_get_no_weight_decay():
-    model = Seq2Seq(SMALL)
+def test_residual_branch_outputs_start_scaled_down():
+    """Every out_proj (Mamba's and attention's) starts at nn.Linear's init / sqrt(2 x layers)."""
+    layers = SMALL.encoder_layers + SMALL.decoder_layers
+    scaled = {n: p for n, p in Seq2Seq(SMALL).named_parameters() if n.endswith("out_proj.weight")}
+    # Mamba (two per encoder layer: bidirectional), one encoder self-attention, two cross-attentions
+    assert len(scaled) == 2 * SMALL.encoder_layers + SMALL.decoder_layers + 1 + 2
+    for name, w in scaled.items():
+        bound = w.shape[1] ** -0.5 / math.sqrt(2 * layers)  # nn.Linear draws U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert 0.9 * bound < w.abs().max() <= bound, name
+
+
+@pytest.mark.parametrize("ssm, exempt_suffixes", [("mamba2", ["A_log", "D", "dt_bias", "norm.weight"]),
+                                                    ("mamba1", ["A_log", "D", "norm.weight"])])
+def test_ssm_parameters_get_no_weight_decay(ssm, exempt_suffixes):  # Mamba1's A_log is 2-D, yet exempt
+    model = Seq2Seq(dataclasses.replace(SMALL, ssm=ssm))
     decayed, exempt = configure_optimizer(model, TrainConfig(), torch.device("cpu")).param_groups
     assert decayed["weight_decay"] == 0.01 and exempt["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     exempt_names = {names[id(p)] for p in exempt["params"]}
     decayed_names = {names[id(p)] for p in decayed["params"]}
-    for suffix in ["A_log", "D", "dt_bias", "norm.weight"]:
+    for suffix in exempt_suffixes:
         assert any(n.endswith(suffix) for n in exempt_names)
         assert not any(n.endswith(suffix) for n in decayed_names)
     assert "decoder.layers.0.mamba.mixer.in_proj.weight" in decayed_names
