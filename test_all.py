@@ -516,7 +516,10 @@ KERNEL_CASES = {
     "bidirectional": (lambda impl: mamba_block("mamba2", 256, 64, impl, 0.0, bidirectional=True),
                       lambda: (torch.randn(4, 300, 256, device="cuda"),)),
     "seq2seq": (lambda impl: Seq2Seq(dataclasses.replace(GPU_MODEL, impl=impl)), gpu_batch),
+    "seq2seq-mamba2": (lambda impl: Seq2Seq(dataclasses.replace(GPU_MODEL, ssm="mamba2", impl=impl)), gpu_batch),
     "polar": (lambda impl: Seq2Seq(dataclasses.replace(GPU_MODEL, decoder="polar", impl=impl)), gpu_batch),
+    "polar-mamba2": (lambda impl: Seq2Seq(dataclasses.replace(GPU_MODEL, decoder="polar", ssm="mamba2", impl=impl)),
+                     gpu_batch),
     "composite": (lambda impl: CompositeMamba("mamba2", 32, 128, 7, CompositeConfig(gamma=0.5), impl),
                   lambda: (torch.randint(20, 100, (64, 8), device="cuda"),)),
 }

@@ -27,7 +27,7 @@ def capacity(summary: dict, d: int) -> str:
 
 
 def main(args: MQARArgs) -> None:
-    configs = {f"d{d}_N{n}": ["--mode", "decoder_only", "--d-state", str(d), "--num-pairs", str(n)]
+    configs = {f"d{d}_N{n}": ["--mode", "decoder_only", "--ssm", "mamba2", "--d-state", str(d), "--num-pairs", str(n)]
                for d in D_STATES for n in PAIRS}
     summary = run_mqar(EXPERIMENT, configs, args)
     lines = ["| d_state | " + " | ".join(f"N={n}" for n in PAIRS) + " | capacity (last N >= 50%) |",
