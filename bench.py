@@ -103,11 +103,11 @@ def main(cfg: BenchConfig) -> list[dict]:
         rows.append({"path": name, **r})
         print(f"{name}: {r['ms']:.2f} ms/step", flush=True)
     timed = [r for r in rows if r["ms"] is not None]
-    base = next((r["ms"] for r in timed if r["path"] == "reference-eager"), timed[0]["ms"] if timed else None)
+    base = next((r for r in timed if r["path"] == "reference-eager"), timed[0] if timed else None)
     print(f"{torch.cuda.get_device_name()}, {cfg.train.mqar.mode}, num_pairs {cfg.train.mqar.num_pairs}, "
           f"batch {cfg.train.batch_size}, d_model {cfg.train.model.d_model}, d_state {cfg.train.model.d_state}, "
-          f"decoder {cfg.train.model.decoder}, median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
-    print("| path | ms/step | tokens/s | peak memory (GiB) | MFU | speed vs reference-eager |")
+          f"{cfg.train.model.ssm}, decoder {cfg.train.model.decoder}, median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
+    print(f"| path | ms/step | tokens/s | peak memory (GiB) | MFU | speed vs {base['path'] if base else '-'} |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         if r["ms"] is None:
@@ -115,7 +115,7 @@ def main(cfg: BenchConfig) -> list[dict]:
             continue
         mfu = r["flops"] / (r["ms"] / 1e3) / (cfg.peak_tflops * 1e12)
         print(f"| {r['path']} | {r['ms']:.2f} | {r['tokens'] / r['ms'] * 1e3:,.0f} | {r['peak_gib']:.2f} "
-              f"| {mfu:.1%} | {base / r['ms']:.2f}x |")
+              f"| {mfu:.1%} | {base['ms'] / r['ms']:.2f}x |")
     return rows
 
 

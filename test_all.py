@@ -14,6 +14,7 @@ import pytest
 import torch
 import tyro
 
+import bench
 import composite
 import eval as evaluation
 import train as train_module
@@ -384,6 +385,23 @@ def test_eval_rejects_bad_checkpoints_in_one_line(tmp_path, content, message):
     run = subprocess.run([sys.executable, "eval.py", "--ckpt", str(path)], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and message in run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_bench_reports_a_path_out_of_memory_and_times_the_rest_against_the_first(monkeypatch, capsys):
+    """bench.py on a GPU, with the timing stubbed: its table logic is what runs here."""
+    def fake_path(cfg, impl, compile, warmup, steps):
+        if impl == "reference":
+            raise torch.OutOfMemoryError("stub")
+        return {"ms": 10.0 if compile else 20.0, "tokens": 1000, "flops": 1e12, "peak_gib": 1.0}
+    monkeypatch.setattr(bench, "bench_path", fake_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "stub GPU")
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)  # leave it as it is
+    rows = bench.main(bench.BenchConfig(paths="reference-eager,kernel-eager,kernel-compiled"))
+    assert [r["ms"] for r in rows] == [None, 20.0, 10.0]
+    out = capsys.readouterr().out
+    assert "| reference-eager | out of memory |" in out and "speed vs kernel-eager" in out
+    assert "| kernel-compiled | 10.00 | 100,000 |" in out and "| 2.00x |" in out
 
 
 # ---- the composite-function task (composite.py)

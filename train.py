@@ -232,8 +232,8 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_rng_state(rng["cpu"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
-    # One static graph per curriculum rung (its shapes), compiled when the rung first comes up.
-    # Dynamo's default would retrace the second shape as a dynamic-shape graph, which compiles slower.
+    # One static graph per curriculum rung, compiled when the rung first comes up (~20 s alone on an
+    # H100, README), each specialized to its lengths; Dynamo's default would make the second shape dynamic.
     model = torch.compile(raw_model, dynamic=False) if cfg.compile else raw_model
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
     if master:
