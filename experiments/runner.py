@@ -10,6 +10,7 @@ Layout: runs/<experiment>/<run>/{ckpt.pt,log.jsonl,train.log}, results/<experime
 (the run's flags, its log and eval.py's scores), aggregated by the experiment script.
 """
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,44 +25,61 @@ def result_path(experiment: str, name: str) -> Path:
     return ROOT / "results" / experiment / "runs" / f"{name}.json"
 
 
-def finish(experiment: str, name: str, flags: list[str], run_dir: Path) -> None:
-    """Score the final checkpoint with eval.py and write the run's result file."""
-    out = run_dir / "eval.json"
-    subprocess.run([sys.executable, "eval.py", "--ckpt", str(run_dir / "ckpt.pt"), "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True)
+def write_result(experiment: str, name: str, flags: list[str], run_dir: Path) -> None:
+    """The run's flags, its training log and eval.py's scores of its final checkpoint, in one file."""
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     path = result_path(experiment, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"name": name, "flags": flags, "eval": json.loads(out.read_text()),
+    path.write_text(json.dumps({"name": name, "flags": flags, "eval": json.loads((run_dir / "eval.json").read_text()),
                                 "log": log}, indent=1))
 
 
+# Mamba-2's Triton kernels autotune in every new process (minutes when a dozen start at once on one
+# GPU). With this, Triton keeps the winners on disk; their keys are the head and state sizes, not the
+# sequence length, so one run's autotuning serves every run of the same width.
+CHILD_ENV = {**os.environ, "TRITON_CACHE_AUTOTUNING": "1"}
+
+
 def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadline_s: float) -> list[str]:
-    """Train every run of `grid` not done yet, `parallel` at a time; returns the names still missing."""
+    """Train, then score, every run of `grid` not done yet, `parallel` at a time; returns the names still missing.
+
+    Each run is two processes in turn, train.py then eval.py, and none blocks the others. The first
+    run starts alone; the rest follow once it has logged its first steps (its autotuning is then on disk)."""
     start = time.monotonic()
     todo = [name for name in grid if not result_path(experiment, name).exists()]
     running: dict[str, tuple[subprocess.Popen, Path, object]] = {}  # name -> process, its dir, its log file
+    scoring: set[str] = set()  # runs whose process is eval.py
+    warm = False  # has a run of this call logged training steps, or ended, yet
     print(f"{experiment}: {len(grid) - len(todo)} of {len(grid)} runs done, {len(todo)} to go", flush=True)
     while todo or running:
         late = time.monotonic() - start > deadline_s
-        while todo and len(running) < parallel and not late:
+        warm = warm or any("| loss" in (d / "train.log").read_text() for _, d, _ in running.values())
+        while todo and len(running) < parallel and not late and (warm or not running):
             name = todo.pop(0)
             run_dir = ROOT / "runs" / experiment / name
             run_dir.mkdir(parents=True, exist_ok=True)
             resume = ["--resume"] if (run_dir / "ckpt.pt").exists() else []
             cmd = [sys.executable, "train.py", *grid[name], "--out-dir", str(run_dir), *resume]
             log = open(run_dir / "train.log", "a")
-            running[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), run_dir, log)
+            running[name] = (subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=log, stderr=subprocess.STDOUT),
+                             run_dir, log)
             print(f"  start {name}{' (resumed)' if resume else ''}", flush=True)
         for name, (proc, run_dir, log) in list(running.items()):
-            if late and proc.poll() is None:
+            if late and proc.poll() is None and name not in scoring:
                 proc.terminate()  # its last checkpoint is the resume point
             if proc.poll() is None:
+                continue
+            warm = True
+            if proc.returncode == 0 and name not in scoring:  # trained: score the final checkpoint
+                scoring.add(name)
+                cmd = [sys.executable, "eval.py", "--ckpt", str(run_dir / "ckpt.pt"), "--out", str(run_dir / "eval.json")]
+                running[name] = (subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=log, stderr=subprocess.STDOUT),
+                                 run_dir, log)
                 continue
             del running[name]
             log.close()
             if proc.returncode == 0:
-                finish(experiment, name, grid[name], run_dir)
+                write_result(experiment, name, grid[name], run_dir)
                 print(f"  done  {name} ({time.monotonic() - start:.0f} s)", flush=True)
             else:  # stopped at the deadline (resumes next time), or failed: see its train.log
                 print(f"  stopped {name} (exit {proc.returncode}, {run_dir / 'train.log'})", flush=True)
