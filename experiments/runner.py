@@ -19,18 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from hybrid import ModelConfig  # noqa: E402
 
 
 def result_path(experiment: str, name: str) -> Path:
     return ROOT / "results" / experiment / "runs" / f"{name}.json"
 
 
-def write_result(experiment: str, name: str, flags: list[str], run_dir: Path) -> None:
+def write_result(experiment: str, name: str, flags: list[str], exec_flags: list[str], run_dir: Path) -> None:
     """The run's flags, its training log and eval.py's scores of its final checkpoint, in one file."""
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     path = result_path(experiment, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"name": name, "flags": flags, "eval": json.loads((run_dir / "eval.json").read_text()),
+    path.write_text(json.dumps({"name": name, "flags": flags, "exec_flags": exec_flags, "eval": json.loads((run_dir / "eval.json").read_text()),
                                 "log": log}, indent=1))
 
 
@@ -40,13 +42,27 @@ def write_result(experiment: str, name: str, flags: list[str], run_dir: Path) ->
 CHILD_ENV = {**os.environ, "TRITON_CACHE_AUTOTUNING": "1"}
 
 
-def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadline_s: float) -> list[str]:
-    """Train, then score, every run of `grid` not done yet, `parallel` at a time; returns the names still missing.
+def load_results(experiment: str, grid: dict[str, list[str]]) -> dict[str, dict]:
+    """The results of `grid`'s runs: name -> result, for each result file made with exactly the
+    run's flags now (a changed budget or grid makes old results stale, not silently reused)."""
+    results = {}
+    for name, flags in grid.items():
+        path = result_path(experiment, name)
+        if path.exists() and (result := json.loads(path.read_text()))["flags"] == flags:
+            results[name] = result
+    return results
+
+
+def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadline_s: float,
+             exec_flags: list[str]) -> dict[str, dict]:
+    """Train, then score, every run of `grid` not done yet, `parallel` at a time, with the execution
+    flags `exec_flags` (a path, e.g. --no-compile, which does not change what a run measures) added;
+    returns the results of the runs done.
 
     Each run is two processes in turn, train.py then eval.py, and none blocks the others. The first
     run starts alone; the rest follow once it has logged its first steps (its autotuning is then on disk)."""
     start = time.monotonic()
-    todo = [name for name in grid if not result_path(experiment, name).exists()]
+    todo = [name for name in grid if name not in load_results(experiment, grid)]
     running: dict[str, tuple[subprocess.Popen, Path, object]] = {}  # name -> process, its dir, its log file
     scoring: set[str] = set()  # runs whose process is eval.py
     warm = False  # has a run of this call logged training steps, or ended, yet
@@ -59,7 +75,7 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
             run_dir = ROOT / "runs" / experiment / name
             run_dir.mkdir(parents=True, exist_ok=True)
             resume = ["--resume"] if (run_dir / "ckpt.pt").exists() else []
-            cmd = [sys.executable, "train.py", *grid[name], "--out-dir", str(run_dir), *resume]
+            cmd = [sys.executable, "train.py", *grid[name], *exec_flags, "--out-dir", str(run_dir), *resume]
             log = open(run_dir / "train.log", "a")
             running[name] = (subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=log, stderr=subprocess.STDOUT),
                              run_dir, log)
@@ -79,31 +95,38 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
             del running[name]
             log.close()
             if proc.returncode == 0:
-                write_result(experiment, name, grid[name], run_dir)
+                write_result(experiment, name, grid[name], exec_flags, run_dir)
                 print(f"  done  {name} ({time.monotonic() - start:.0f} s)", flush=True)
             else:  # stopped at the deadline (resumes next time), or failed: see its train.log
                 print(f"  stopped {name} (exit {proc.returncode}, {run_dir / 'train.log'})", flush=True)
         if late and not running:
             break
         time.sleep(2)
-    missing = [name for name in grid if not result_path(experiment, name).exists()]
-    print(f"{experiment}: {len(grid) - len(missing)} of {len(grid)} done; missing: {' '.join(missing) or 'none'}")
-    return missing
-
-
-def load_results(experiment: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((ROOT / "results" / experiment / "runs").glob("*.json"))]
+    done = load_results(experiment, grid)
+    missing = [name for name in grid if name not in done]
+    print(f"{experiment}: {len(done)} of {len(grid)} done; missing: {' '.join(missing) or 'none'}")
+    return done
 
 
 # ---- MQAR experiments: a learning-rate grid and seeds per configuration, the best lr reported
 
-def mqar_grid(configs: dict[str, list[str]], lrs: list[float], seeds: int, steps: int, extra: str = "") -> dict:
-    """{config}_lr{lr}_s{seed} -> train.py flags. Every run gets the same step budget; --target-acc
-    0.99 ends the ones that have learned early, so the budget goes to those still flat. Seed-major
-    order: a partial slice of device time covers every (config, lr) once before any twice."""
+# Each mixer's learning-rate pair brackets where it learned (README): Mamba-2 only at lr <= 1e-3
+# (sweep 2, best 5e-4), pure Mamba-1 at 1e-3 and 2e-3 (sweep 2 and the pure-Mamba pilot).
+MIXER_LRS = {"mamba2": (5e-4, 1e-3), "mamba1": (1e-3, 2e-3)}
+
+
+def mixer(flags: list[str]) -> str:
+    return flags[flags.index("--ssm") + 1] if "--ssm" in flags else ModelConfig.ssm
+
+
+def mqar_grid(configs: dict[str, list[str]], lrs: tuple[float, ...], seeds: int, steps: int) -> dict:
+    """{config}_lr{lr}_s{seed} -> train.py flags, over `lrs` or else the config's mixer's pair.
+    Every run gets the same step budget; --target-acc 0.99 ends the ones that have learned early,
+    so the budget goes to those still flat. Seed-major order: a partial slice of device time
+    covers every (config, lr) once before any twice."""
     return {f"{config}_lr{lr:g}_s{seed}": [*flags, "--lr", str(lr), "--seed", str(seed), "--max-steps", str(steps),
-                                           "--eval-every", "250", *extra.split()]
-            for seed in range(seeds) for config, flags in configs.items() for lr in lrs}
+                                           "--eval-every", "250"]
+            for seed in range(seeds) for config, flags in configs.items() for lr in lrs or MIXER_LRS[mixer(flags)]}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -142,24 +165,24 @@ class MQARArgs:
     """stop starting runs and checkpoint the running ones after this many seconds"""
     seeds: int = 3
     """seeds per (configuration, lr)"""
-    lrs: tuple[float, ...] = (5e-4, 1e-3)
-    """the learning-rate grid; each configuration reports its best (README, sweep 2: Mamba-2 learns
-    only at lr <= 1e-3, best at 5e-4; Mamba-1 learned at 1e-3 and 2e-3 alike)"""
-    steps: int = 2000
-    """the step budget of every run (runs stop early at 99% held-out accuracy): 3x the slowest
-    learner of sweep 2 (Mamba-2 hybrid, lr 5e-4: 98% at 128 pairs by step 600)"""
-    train_flags: str = ""
-    """extra train.py flags for every run (an execution path, e.g. '--no-compile')"""
+    lrs: tuple[float, ...] = ()
+    """the learning-rate grid; each configuration reports its best (default: its mixer's pair, MIXER_LRS)"""
+    steps: int = 10_000
+    """the step budget of every run (runs stop early at 99% held-out accuracy): in the pure-Mamba
+    pilot (README), Mamba-1 first left the copying plateau at step ~1,750 (lr 2e-3) and ~3,000 (1e-3)"""
+    exec_flags: str = "--no-compile"
+    """train.py flags for every run that choose how it executes, not what it measures (results made
+    with other execution flags still count); eager kernels: bench.py measured compile slower at batch 64"""
     report_only: bool = False
-    """only aggregate what results/ holds"""
+    """only aggregate what results/ holds for this grid"""
 
 
 def run_mqar(experiment: str, configs: dict[str, list[str]], args: MQARArgs) -> dict[str, dict]:
     """Run what is missing of the grid (unless --report-only), then each config's best-lr summary."""
+    grid = mqar_grid(configs, args.lrs, args.seeds, args.steps)
     if not args.report_only:
-        run_grid(experiment, mqar_grid(configs, list(args.lrs), args.seeds, args.steps, args.train_flags),
-                 args.parallel, args.deadline_s)
-    return best_lr(load_results(experiment))
+        run_grid(experiment, grid, args.parallel, args.deadline_s, args.exec_flags.split())
+    return best_lr(list(load_results(experiment, grid).values()))
 
 
 def cell(summary: dict, config: str) -> str:
