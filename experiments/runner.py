@@ -1,9 +1,9 @@
 """Run a grid of train.py configurations side by side on one machine, resumably.
 
 Every experiment script hands `run_grid` a dict {run name: train.py flags}. A run whose result
-file exists is skipped; a run with a checkpoint but no result continues with --resume; the rest
-start fresh. Several runs share the GPU at once (these models are far too small to fill an H100
-alone). When --deadline-s is near, running jobs are stopped (their last checkpoint stays) so that a
+file holds the same flags is skipped; a run with a checkpoint but no result continues with
+--resume; the rest start fresh. Several runs share the GPU at once (these models are far too small
+to fill an H100 alone). When --deadline-s is near, running jobs are stopped (their last checkpoint stays) so that a
 30-minute device slice ends cleanly; the next call picks up where this one stopped.
 
 Layout: runs/<experiment>/<run>/{ckpt.pt,log.jsonl,train.log}, results/<experiment>/runs/<run>.json
@@ -32,13 +32,15 @@ def write_result(experiment: str, name: str, flags: list[str], exec_flags: list[
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     path = result_path(experiment, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"name": name, "flags": flags, "exec_flags": exec_flags, "eval": json.loads((run_dir / "eval.json").read_text()),
-                                "log": log}, indent=1))
+    scores = json.loads((run_dir / "eval.json").read_text())
+    path.write_text(json.dumps({"name": name, "flags": flags, "exec_flags": exec_flags, "eval": scores, "log": log},
+                               indent=1))
 
 
 # Mamba-2's Triton kernels autotune in every new process (minutes when a dozen start at once on one
-# GPU). With this, Triton keeps the winners on disk; their keys are the head and state sizes, not the
-# sequence length, so one run's autotuning serves every run of the same width.
+# GPU). With this, Triton keeps the winners on disk; their keys are chunk, head and state sizes, not
+# batch or length (mamba_ssm/ops/triton/ssd_*.py, key=['chunk_size', 'hdim', 'dstate']), so one
+# run's autotuning serves the later runs of the same shape.
 CHILD_ENV = {**os.environ, "TRITON_CACHE_AUTOTUNING": "1"}
 
 
