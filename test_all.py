@@ -427,6 +427,14 @@ def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkey
     assert runner.best_lr(list(done.values())) == {"m2": {"lr": 5e-4, "seeds": 2, "mean": pytest.approx(0.3),
                                                           "std": pytest.approx(0.1 * math.sqrt(2))}}
 
+    run_dir, flags = tmp_path / "runs" / "x" / "m1_lr0.001_s0", grid["m1_lr0.001_s0"]
+    assert runner.prepare(run_dir, flags) == []  # fresh
+    (run_dir / "ckpt.pt").write_text("a checkpoint")
+    (run_dir / "log.jsonl").write_text("a log line\n")
+    assert runner.prepare(run_dir, flags) == ["--resume"]  # same flags: continue
+    assert runner.prepare(run_dir, grid["m1_lr0.002_s0"]) == []  # other flags: start over, in an empty dir
+    assert sorted(p.name for p in run_dir.iterdir()) == ["flags.json"]
+
 
 # ---- the composite-function task (composite.py)
 

@@ -116,9 +116,10 @@ def heatmap(summary: dict[str, dict], path: Path) -> None:
 
 
 def main(args: Args) -> None:
-    if not args.report_only:
-        run_grid(EXPERIMENT, grid(args), args.parallel, args.deadline_s, args.exec_flags.split())
-    results = list(load_results(EXPERIMENT, grid(args)).values())
+    runs = grid(args)
+    done = (load_results(EXPERIMENT, runs) if args.report_only
+            else run_grid(EXPERIMENT, runs, args.parallel, args.deadline_s, args.exec_flags.split()))
+    results = list(done.values())
     if not results:
         print("no results yet")
         return

@@ -2,15 +2,17 @@
 
 Every experiment script hands `run_grid` a dict {run name: train.py flags}. A run whose result
 file holds the same flags is skipped; a run with a checkpoint but no result continues with
---resume; the rest start fresh. Several runs share the GPU at once (these models are far too small
-to fill an H100 alone). When --deadline-s is near, running jobs are stopped (their last checkpoint stays) so that a
-30-minute device slice ends cleanly; the next call picks up where this one stopped.
+--resume if it was started with the same flags; the rest start fresh. Several runs share the GPU
+at once (these models are far too small to fill an H100 alone). When --deadline-s is near, running
+jobs are stopped (their last checkpoint stays) so that a 30-minute device slice ends cleanly; the
+next call picks up where this one stopped.
 
-Layout: runs/<experiment>/<run>/{ckpt.pt,log.jsonl,train.log}, results/<experiment>/runs/<run>.json
+Layout: runs/<experiment>/<run>/{flags.json,ckpt.pt,log.jsonl,train.log}, results/<experiment>/runs/<run>.json
 (the run's flags, its log and eval.py's scores), aggregated by the experiment script.
 """
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +57,18 @@ def load_results(experiment: str, grid: dict[str, list[str]]) -> dict[str, dict]
     return results
 
 
+def prepare(run_dir: Path, flags: list[str]) -> list[str]:
+    """["--resume"] if run_dir holds a checkpoint started with these very flags; else an emptied run_dir
+    (train.py checks that a resumed run has the same model, not the same budget or learning rate)."""
+    stamp = run_dir / "flags.json"
+    if (run_dir / "ckpt.pt").exists() and stamp.exists() and json.loads(stamp.read_text()) == flags:
+        return ["--resume"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    stamp.write_text(json.dumps(flags))
+    return []
+
+
 def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadline_s: float,
              exec_flags: list[str]) -> dict[str, dict]:
     """Train, then score, every run of `grid` not done yet, `parallel` at a time, with the execution
@@ -75,8 +89,7 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
         while todo and len(running) < parallel and not late and (warm or not running):
             name = todo.pop(0)
             run_dir = ROOT / "runs" / experiment / name
-            run_dir.mkdir(parents=True, exist_ok=True)
-            resume = ["--resume"] if (run_dir / "ckpt.pt").exists() else []
+            resume = prepare(run_dir, grid[name])
             cmd = [sys.executable, "train.py", *grid[name], *exec_flags, "--out-dir", str(run_dir), *resume]
             log = open(run_dir / "train.log", "a")
             running[name] = (subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=log, stderr=subprocess.STDOUT),
@@ -182,9 +195,9 @@ class MQARArgs:
 def run_mqar(experiment: str, configs: dict[str, list[str]], args: MQARArgs) -> dict[str, dict]:
     """Run what is missing of the grid (unless --report-only), then each config's best-lr summary."""
     grid = mqar_grid(configs, args.lrs, args.seeds, args.steps)
-    if not args.report_only:
-        run_grid(experiment, grid, args.parallel, args.deadline_s, args.exec_flags.split())
-    return best_lr(list(load_results(experiment, grid).values()))
+    results = (load_results(experiment, grid) if args.report_only
+               else run_grid(experiment, grid, args.parallel, args.deadline_s, args.exec_flags.split()))
+    return best_lr(list(results.values()))
 
 
 def cell(summary: dict, config: str) -> str:
