@@ -78,7 +78,8 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
     Each run is two processes in turn, train.py then eval.py, and none blocks the others. The first
     run starts alone; the rest follow once it has logged its first steps (its autotuning is then on disk)."""
     start = time.monotonic()
-    todo = [name for name in grid if name not in load_results(experiment, grid)]
+    done = load_results(experiment, grid)
+    todo = [name for name in grid if name not in done]
     running: dict[str, tuple[subprocess.Popen, Path, object]] = {}  # name -> process, its dir, its log file
     scoring: set[str] = set()  # runs whose process is eval.py
     warm = False  # has a run of this call logged training steps, or ended, yet
