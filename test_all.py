@@ -405,26 +405,29 @@ def test_bench_reports_a_path_out_of_memory_and_times_the_rest_against_the_first
 
 
 def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkeypatch):
-    """experiments/runner.py: each mixer's learning rates, seed-major order, stale results not
+    """experiments/runner.py: each model's learning rates, seed-major order, stale results not
     reused (a changed budget reruns a run), and the best lr's mean and std over seeds."""
     sys.path.insert(0, str(ROOT / "experiments"))
     import runner
     monkeypatch.setattr(runner, "ROOT", tmp_path)
-    grid = runner.mqar_grid({"m2": ["--ssm", "mamba2"], "m1": []}, (), seeds=2, steps=100)
-    assert list(grid)[:4] == ["m2_lr0.0005_s0", "m2_lr0.001_s0", "m1_lr0.001_s0", "m1_lr0.002_s0"]
+    hybrid2 = ["--ssm", "mamba2"]  # seq2seq, the default mode
+    grid = runner.mqar_grid({"h2": hybrid2, "p2": ["--mode", "decoder_only", *hybrid2], "m1": []}, (), seeds=2, steps=100)
+    assert list(grid)[:6] == ["h2_lr0.00025_s0", "h2_lr0.0005_s0", "p2_lr0.0032_s0", "p2_lr0.01_s0",
+                              "m1_lr0.001_s0", "m1_lr0.002_s0"]
     assert grid["m1_lr0.002_s1"] == ["--lr", "0.002", "--seed", "1", "--max-steps", "100", "--eval-every", "250"]
+    assert list(runner.mqar_grid({"m1": []}, (3e-3,), 1, 100)) == ["m1_lr0.003_s0"]  # --lrs overrides
 
     def put(name, flags, acc):
         path = runner.result_path("x", name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"name": name, "flags": flags, "eval": [{"acc": acc}]}))
-    for name, acc in [("m2_lr0.0005_s0", 0.2), ("m2_lr0.0005_s1", 0.4), ("m2_lr0.001_s0", 0.9)]:
+    for name, acc in [("h2_lr0.00025_s0", 0.2), ("h2_lr0.00025_s1", 0.4), ("h2_lr0.0005_s0", 0.9)]:
         put(name, grid[name], acc)
-    put("m2_lr0.001_s1", runner.mqar_grid({"m2": ["--ssm", "mamba2"]}, (), 2, 50)["m2_lr0.001_s1"], 0.0)  # another budget
+    put("h2_lr0.0005_s1", runner.mqar_grid({"h2": hybrid2}, (), 2, 50)["h2_lr0.0005_s1"], 0.0)  # another budget
     done = runner.load_results("x", grid)
-    assert sorted(done) == ["m2_lr0.0005_s0", "m2_lr0.0005_s1", "m2_lr0.001_s0"]
-    done.pop("m2_lr0.001_s0")
-    assert runner.best_lr(list(done.values())) == {"m2": {"lr": 5e-4, "seeds": 2, "mean": pytest.approx(0.3),
+    assert sorted(done) == ["h2_lr0.00025_s0", "h2_lr0.00025_s1", "h2_lr0.0005_s0"]
+    done.pop("h2_lr0.0005_s0")
+    assert runner.best_lr(list(done.values())) == {"h2": {"lr": 2.5e-4, "seeds": 2, "mean": pytest.approx(0.3),
                                                           "std": pytest.approx(0.1 * math.sqrt(2))}}
 
     run_dir, flags = tmp_path / "runs" / "x" / "m1_lr0.001_s0", grid["m1_lr0.001_s0"]

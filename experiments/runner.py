@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from hybrid import ModelConfig  # noqa: E402
+from mqar import MQARConfig  # noqa: E402
 
 
 def result_path(experiment: str, name: str) -> Path:
@@ -126,23 +127,31 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
 
 # ---- MQAR experiments: a learning-rate grid and seeds per configuration, the best lr reported
 
-# Each mixer's learning-rate pair brackets where it learned (README): Mamba-2 only at lr <= 1e-3
-# (sweep 2, best 5e-4), pure Mamba-1 at 1e-3 and 2e-3 (sweep 2 and the pure-Mamba pilot).
-MIXER_LRS = {"mamba2": (5e-4, 1e-3), "mamba1": (1e-3, 2e-3)}
+# Each model's learning-rate pair, by (mixer, --mode), brackets where it learned (README):
+#   Mamba-1, pure or hybrid: 1e-3 and 2e-3 (sweep 2, the pure-Mamba pilot);
+#   Mamba-2 with cross-attention: 5e-4 (sweep 2, the cliff's first slice, where 1e-3 never learned);
+#   pure Mamba-2: flat at every rate from 1e-4 to 1e-3 (the pilot), so the next two of Zoology's grid
+#   for it, np.logspace(-3, -1.5, 4) (HazyResearch/zoology, paper_configs/arxiv24_based_figure2/configs.py).
+LRS = {("mamba1", "seq2seq"): (1e-3, 2e-3), ("mamba1", "decoder_only"): (1e-3, 2e-3),
+       ("mamba2", "seq2seq"): (2.5e-4, 5e-4), ("mamba2", "decoder_only"): (3.2e-3, 1e-2)}
 
 
-def mixer(flags: list[str]) -> str:
-    return flags[flags.index("--ssm") + 1] if "--ssm" in flags else ModelConfig.ssm
+def flag(flags: list[str], name: str, default: str) -> str:
+    return flags[flags.index(name) + 1] if name in flags else default
+
+
+def default_lrs(flags: list[str]) -> tuple[float, ...]:
+    return LRS[flag(flags, "--ssm", ModelConfig.ssm), flag(flags, "--mode", MQARConfig.mode)]
 
 
 def mqar_grid(configs: dict[str, list[str]], lrs: tuple[float, ...], seeds: int, steps: int) -> dict:
-    """{config}_lr{lr}_s{seed} -> train.py flags, over `lrs` or else the config's mixer's pair.
+    """{config}_lr{lr}_s{seed} -> train.py flags, over `lrs` or else the config's pair (LRS).
     Every run gets the same step budget; --target-acc 0.99 ends the ones that have learned early,
     so the budget goes to those still flat. Seed-major order: a partial slice of device time
     covers every (config, lr) once before any twice."""
     return {f"{config}_lr{lr:g}_s{seed}": [*flags, "--lr", str(lr), "--seed", str(seed), "--max-steps", str(steps),
                                            "--eval-every", "250"]
-            for seed in range(seeds) for config, flags in configs.items() for lr in lrs or MIXER_LRS[mixer(flags)]}
+            for seed in range(seeds) for config, flags in configs.items() for lr in lrs or default_lrs(flags)}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -182,7 +191,7 @@ class MQARArgs:
     seeds: int = 3
     """seeds per (configuration, lr)"""
     lrs: tuple[float, ...] = ()
-    """the learning-rate grid; each configuration reports its best (default: its mixer's pair, MIXER_LRS)"""
+    """the learning-rate grid; each configuration reports its best (default: its own pair, LRS)"""
     steps: int = 10_000
     """the step budget of every run (runs stop early at 99% held-out accuracy): in the pure-Mamba
     pilot (README), Mamba-1 first left the copying plateau at step ~1,750 (lr 2e-3) and ~3,000 (1e-3)"""
