@@ -438,6 +438,15 @@ def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkey
     assert runner.prepare(run_dir, grid["m1_lr0.002_s0"]) == []  # other flags: start over, in an empty dir
     assert sorted(p.name for p in run_dir.iterdir()) == ["flags.json"]
 
+    # Trained and scored in an earlier call whose result file is gone: written again, not trained on.
+    run_dir, flags = tmp_path / "runs" / "x" / "m1_lr0.002_s0", grid["m1_lr0.002_s0"]
+    runner.prepare(run_dir, flags)
+    (run_dir / "log.jsonl").write_text(json.dumps({"step": 400, "acc": 0.995}) + "\n")
+    (run_dir / "eval.json").write_text(json.dumps([{"acc": 0.99}]))
+    monkeypatch.setattr(runner.subprocess, "Popen", None)  # starting any process would fail
+    done = runner.run_grid("x", {"m1_lr0.002_s0": flags}, parallel=1, deadline_s=10, exec_flags=[])
+    assert done["m1_lr0.002_s0"]["eval"] == [{"acc": 0.99}] and done["m1_lr0.002_s0"]["flags"] == flags
+
 
 # ---- the composite-function task (composite.py)
 

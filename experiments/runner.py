@@ -58,15 +58,20 @@ def load_results(experiment: str, grid: dict[str, list[str]]) -> dict[str, dict]
     return results
 
 
+def stamped(run_dir: Path, flags: list[str]) -> bool:
+    """Was the run in run_dir started with these very flags?"""
+    stamp = run_dir / "flags.json"
+    return stamp.exists() and json.loads(stamp.read_text()) == flags
+
+
 def prepare(run_dir: Path, flags: list[str]) -> list[str]:
     """["--resume"] if run_dir holds a checkpoint started with these very flags; else an emptied run_dir
     (train.py checks that a resumed run has the same model, not the same budget or learning rate)."""
-    stamp = run_dir / "flags.json"
-    if (run_dir / "ckpt.pt").exists() and stamp.exists() and json.loads(stamp.read_text()) == flags:
+    if (run_dir / "ckpt.pt").exists() and stamped(run_dir, flags):
         return ["--resume"]
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    stamp.write_text(json.dumps(flags))
+    (run_dir / "flags.json").write_text(json.dumps(flags))
     return []
 
 
@@ -79,6 +84,14 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
     Each run is two processes in turn, train.py then eval.py, and none blocks the others. The first
     run starts alone; the rest follow once it has logged its first steps (its autotuning is then on disk)."""
     start = time.monotonic()
+    # A run trained and scored in an earlier call may have lost its result file: the device's copy of
+    # the repository is refreshed from the local checkout before each call, which drops result files
+    # not fetched yet, while runs/ (ignored by git) stays. Such a run is written again from its
+    # eval.json, not resumed: a run that stopped early at --target-acc would train on past its stop.
+    for name, flags in grid.items():
+        run_dir = ROOT / "runs" / experiment / name
+        if not result_path(experiment, name).exists() and (run_dir / "eval.json").exists() and stamped(run_dir, flags):
+            write_result(experiment, name, flags, exec_flags, run_dir)
     done = load_results(experiment, grid)
     todo = [name for name in grid if name not in done]
     running: dict[str, tuple[subprocess.Popen, Path, object]] = {}  # name -> process, its dir, its log file
