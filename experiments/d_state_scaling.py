@@ -1,22 +1,30 @@
-"""d_state scaling [seed 04_d_state_scaling]: pure Mamba (decoder_only) at d_state 16-128 across
+"""d_state scaling [seed 04_d_state_scaling]: pure Mamba-2 (decoder_only) at d_state 16-128 across
 num_pairs. Capacity is the largest num_pairs with accuracy still >= 50%; the question is whether it
-grows as O(d_state). The seed names Mamba-2, which did not learn recall even at 8 pairs here (README,
-the pure-Mamba pilot), so this asks it of Mamba-1, whose state is d_state numbers per channel.
+grows as O(d_state).
 
     python experiments/d_state_scaling.py --parallel 8 --deadline-s 540    # on the GPU, resumable
     python experiments/d_state_scaling.py --report-only
+
+d_state 64 at 16-512 pairs is the capacity cliff's pure Mamba-2, with the very same flags, so those
+cells are read from the cliff's results (experiments/capacity_cliff.py runs them), not trained twice.
 """
+import dataclasses
 import sys
 from pathlib import Path
 
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import capacity_cliff  # noqa: E402
 from runner import MQARArgs, cell, run_mqar, write_report  # noqa: E402
 
 EXPERIMENT = "d_state_scaling"
 D_STATES = [16, 32, 64, 128]
 PAIRS = [8, 16, 32, 64, 128, 256, 512]
+
+
+def flags(d_state: int, num_pairs: int) -> list[str]:
+    return ["--mode", "decoder_only", "--ssm", "mamba2", "--d-state", str(d_state), "--num-pairs", str(num_pairs)]
 
 
 def capacity(summary: dict, d: int) -> str:
@@ -28,9 +36,12 @@ def capacity(summary: dict, d: int) -> str:
 
 
 def main(args: MQARArgs) -> None:
-    configs = {f"d{d}_N{n}": ["--mode", "decoder_only", "--ssm", "mamba1", "--d-state", str(d), "--num-pairs", str(n)]
-               for d in D_STATES for n in PAIRS}
+    shared = [n for n in PAIRS if n in capacity_cliff.PAIRS]  # d_state 64 at these: the cliff's runs
+    configs = {f"d{d}_N{n}": flags(d, n) for d in D_STATES for n in PAIRS if not (d == 64 and n in shared)}
     summary = run_mqar(EXPERIMENT, configs, args)
+    cliff = run_mqar(capacity_cliff.EXPERIMENT, {f"mamba2_N{n}": flags(64, n) for n in shared},
+                     dataclasses.replace(args, report_only=True))
+    summary.update({f"d64_N{name.split('_N')[1]}": s for name, s in cliff.items()})
     lines = ["| d_state | " + " | ".join(f"N={n}" for n in PAIRS) + " | capacity (last N >= 50%) |",
              "|---" * (len(PAIRS) + 2) + "|"]
     for d in D_STATES:
