@@ -138,7 +138,9 @@ def main(cfg: EvalConfig, models: list[tuple]) -> list[dict]:
             task = mqar.with_pairs(n)
             with autocast_for(device):  # the precision the model trained in on this device
                 result = evaluate(model, task, cfg.eval_batches, device)
-            rows.append({"ckpt": str(path), "mode": task.mode, "hybrid": train_cfg.model.hybrid,
+            # decoder_only has no encoder to attend to, so --hybrid does not apply (hybrid.py MambaLM)
+            hybrid = train_cfg.model.hybrid if task.mode == "seq2seq" else ""
+            rows.append({"ckpt": str(path), "mode": task.mode, "hybrid": hybrid,
                          "ssm": train_cfg.model.ssm, "d_state": train_cfg.model.d_state, "step": step,
                          "trained_num_pairs": mqar.num_pairs, "num_pairs": n, **result})
     print(markdown_table(rows, models[0][1].task))
