@@ -45,8 +45,10 @@ def plot(summary: dict, path: Path) -> None:
         if done:
             ax.errorbar([n for n, _ in done], [s["mean"] for _, s in done], [s["std"] for _, s in done],
                         marker="o", capsize=3, label=m)
-    ax.axvline(64, color="gray", linestyle="--", linewidth=0.8)
+    ax.axvline(64, color="gray", linestyle="--", linewidth=0.8, label="N = d_state")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(PAIRS, [str(n) for n in PAIRS])  # the whole grid, so a missing point shows as missing
+    ax.set_xlim(PAIRS[0] / 1.3, PAIRS[-1] * 1.3)
     ax.set(xlabel="num_pairs", ylabel="per-query accuracy (best lr, mean ± std)", ylim=(0, 1.05))
     ax.legend()
     fig.tight_layout()
