@@ -448,7 +448,6 @@ def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkey
     assert done["m1_lr0.002_s0"]["eval"] == [{"acc": 0.99}] and done["m1_lr0.002_s0"]["flags"] == flags
 
 
-
 def test_d_state_scaling_reads_the_cliffs_runs_only_for_identical_flags():
     """d_state 64 cells come from the capacity cliff's pure Mamba-2: that is sound only while the two
     scripts would train exactly the same runs."""
@@ -457,6 +456,7 @@ def test_d_state_scaling_reads_the_cliffs_runs_only_for_identical_flags():
     import d_state_scaling
     for n in capacity_cliff.PAIRS:
         assert d_state_scaling.flags(64, n) == [*capacity_cliff.MODELS["mamba2"], "--num-pairs", str(n)]
+
 
 # ---- the composite-function task (composite.py)
 

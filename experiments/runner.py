@@ -30,6 +30,10 @@ def result_path(experiment: str, name: str) -> Path:
     return ROOT / "results" / experiment / "runs" / f"{name}.json"
 
 
+def run_path(experiment: str, name: str) -> Path:
+    return ROOT / "runs" / experiment / name
+
+
 def write_result(experiment: str, name: str, flags: list[str], exec_flags: list[str], run_dir: Path) -> None:
     """The run's flags, its training log and eval.py's scores of its final checkpoint, in one file."""
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -89,7 +93,7 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
     # not fetched yet, while runs/ (ignored by git) stays. Such a run is written again from its
     # eval.json, not resumed: a run that stopped early at --target-acc would train on past its stop.
     for name, flags in grid.items():
-        run_dir = ROOT / "runs" / experiment / name
+        run_dir = run_path(experiment, name)
         if not result_path(experiment, name).exists() and (run_dir / "eval.json").exists() and stamped(run_dir, flags):
             write_result(experiment, name, flags, exec_flags, run_dir)
     done = load_results(experiment, grid)
@@ -103,7 +107,7 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
         warm = warm or any("| loss" in (d / "train.log").read_text() for _, d, _ in running.values())
         while todo and len(running) < parallel and not late and (warm or not running):
             name = todo.pop(0)
-            run_dir = ROOT / "runs" / experiment / name
+            run_dir = run_path(experiment, name)
             resume = prepare(run_dir, grid[name])
             cmd = [sys.executable, "train.py", *grid[name], *exec_flags, "--out-dir", str(run_dir), *resume]
             log = open(run_dir / "train.log", "a")
