@@ -443,6 +443,7 @@ def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkey
     runner.prepare(run_dir, flags)
     (run_dir / "log.jsonl").write_text(json.dumps({"step": 400, "acc": 0.995}) + "\n")
     (run_dir / "eval.json").write_text(json.dumps([{"acc": 0.99}]))
+    put("m1_lr0.002_s0", ["--another", "budget"], 0.1)  # a stale result file in its place does not count
     monkeypatch.setattr(runner.subprocess, "Popen", None)  # starting any process would fail
     done = runner.run_grid("x", {"m1_lr0.002_s0": flags}, parallel=1, deadline_s=10, exec_flags=[])
     assert done["m1_lr0.002_s0"]["eval"] == [{"acc": 0.99}] and done["m1_lr0.002_s0"]["flags"] == flags

@@ -39,10 +39,9 @@ def main(args: MQARArgs) -> None:
     shared = [n for n in PAIRS if n in capacity_cliff.PAIRS]  # d_state 64 at these: the cliff's runs
     configs = {f"d{d}_N{n}": flags(d, n) for d in D_STATES for n in PAIRS if not (d == 64 and n in shared)}
     summary = run_mqar(EXPERIMENT, configs, args)
-    cliff_names = {f"mamba2_N{n}": f"d64_N{n}" for n in shared}
-    cliff = run_mqar(capacity_cliff.EXPERIMENT, {name: flags(64, n) for name, n in zip(cliff_names, shared)},
+    cliff = run_mqar(capacity_cliff.EXPERIMENT, {f"mamba2_N{n}": flags(64, n) for n in shared},
                      dataclasses.replace(args, report_only=True))
-    summary.update({cliff_names[name]: s for name, s in cliff.items()})
+    summary.update({f"d64_N{n}": cliff[f"mamba2_N{n}"] for n in shared if f"mamba2_N{n}" in cliff})
     lines = ["| d_state | " + " | ".join(f"N={n}" for n in PAIRS) + " | capacity (last N >= 50%) |",
              "|---" * (len(PAIRS) + 2) + "|"]
     for d in D_STATES:

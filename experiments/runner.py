@@ -34,14 +34,16 @@ def run_path(experiment: str, name: str) -> Path:
     return ROOT / "runs" / experiment / name
 
 
-def write_result(experiment: str, name: str, flags: list[str], exec_flags: list[str], run_dir: Path) -> None:
-    """The run's flags, its training log and eval.py's scores of its final checkpoint, in one file."""
+def write_result(experiment: str, name: str, flags: list[str], exec_flags: list[str], run_dir: Path) -> dict:
+    """The run's flags, its training log and eval.py's scores of its final checkpoint, in one file;
+    returns what it wrote."""
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     path = result_path(experiment, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     scores = json.loads((run_dir / "eval.json").read_text())
-    path.write_text(json.dumps({"name": name, "flags": flags, "exec_flags": exec_flags, "eval": scores, "log": log},
-                               indent=1))
+    result = {"name": name, "flags": flags, "exec_flags": exec_flags, "eval": scores, "log": log}
+    path.write_text(json.dumps(result, indent=1))
+    return result
 
 
 # Mamba-2's Triton kernels autotune in every new process (minutes when a dozen start at once on one
@@ -92,11 +94,11 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
     # the repository is refreshed from the local checkout before each call, which drops result files
     # not fetched yet, while runs/ (ignored by git) stays. Such a run is written again from its
     # eval.json, not resumed: a run that stopped early at --target-acc would train on past its stop.
+    done = load_results(experiment, grid)
     for name, flags in grid.items():
         run_dir = run_path(experiment, name)
-        if not result_path(experiment, name).exists() and (run_dir / "eval.json").exists() and stamped(run_dir, flags):
-            write_result(experiment, name, flags, exec_flags, run_dir)
-    done = load_results(experiment, grid)
+        if name not in done and (run_dir / "eval.json").exists() and stamped(run_dir, flags):
+            done[name] = write_result(experiment, name, flags, exec_flags, run_dir)
     todo = [name for name in grid if name not in done]
     running: dict[str, tuple[subprocess.Popen, Path, object]] = {}  # name -> process, its dir, its log file
     scoring: set[str] = set()  # runs whose process is eval.py
