@@ -26,7 +26,9 @@ EXPECTED = {"mamba2": "~0% beyond 64", "mamba1": "(not in the seed)", "hybrid": 
 
 
 def main(args: MQARArgs) -> None:
-    configs = {f"{m}_N{n}": [*flags, "--num-pairs", str(n)] for n in PAIRS for m, flags in MODELS.items()}
+    # The seed's two models first, across all pairs; pure Mamba-1 (not in the seed) after them in each seed.
+    order = [(m, n) for m in ("mamba2", "hybrid") for n in PAIRS] + [("mamba1", n) for n in PAIRS]
+    configs = {f"{m}_N{n}": [*MODELS[m], "--num-pairs", str(n)] for m, n in order}
     summary = run_mqar(EXPERIMENT, configs, args)
     lines = ["| model | " + " | ".join(f"N={n}" for n in PAIRS) + " | seed expects |", "|---" * (len(PAIRS) + 2) + "|"]
     for m in MODELS:
