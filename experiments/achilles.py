@@ -1,7 +1,7 @@
 """Mamba's Achilles' heel on the composite-function task (composite.py): the best model, the two
 ablations, and the phase diagram over depth and initialization rate, each with several seeds.
 
-    python experiments/achilles.py --parallel 12 --deadline-s 540     # on the GPU, resumable
+    python experiments/achilles.py --deadline-s 540                   # on the GPU, resumable
     python experiments/achilles.py --report-only                       # tables and heatmap from results/
 
 Runs go in priority order (the best model, then its ablations, then the phase diagram cells,
@@ -17,7 +17,7 @@ from pathlib import Path
 import tyro
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from runner import ROOT, load_results, mean_std, run_grid  # noqa: E402
+from runner import PARALLEL, ROOT, load_results, mean_std, run_grid  # noqa: E402
 from train import COMPOSITE_EPOCH as STEPS_PER_EPOCH  # noqa: E402
 
 EXPERIMENT = "achilles"
@@ -28,8 +28,8 @@ BEST = (7, 1.0)
 
 @dataclass(frozen=True)
 class Args:
-    parallel: int = 12
-    """runs at once on the device"""
+    parallel: int = PARALLEL
+    """runs at once on the device (runner.PARALLEL says why not more)"""
     deadline_s: float = 540
     """stop starting runs and checkpoint the running ones after this many seconds"""
     seeds: int = 3

@@ -1,7 +1,7 @@
 """Blind Start [seed 02_mechanism_ablation]: where cross-attention sits in the decoder, at 128 pairs.
 All four decoders are 17 layers deep, so that layer 16 exists for `--hybrid 8,16`.
 
-    python experiments/blind_start.py --parallel 8 --deadline-s 540    # on the GPU, resumable
+    python experiments/blind_start.py --deadline-s 540                  # on the GPU, resumable
     python experiments/blind_start.py --report-only
 
 The seed expects ~0% (no cross-attention), 85-90% (layer 0), ~95% (layers 0 and 2), ~0% (8 and 16).

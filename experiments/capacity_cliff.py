@@ -1,7 +1,7 @@
 """Capacity cliff [seed 01_proof_mqar_cliff]: pure Mamba (decoder_only, d_state 64) against the
 hybrid `--hybrid 0,2` (seq2seq) as the number of pairs grows.
 
-    python experiments/capacity_cliff.py --parallel 12 --deadline-s 480    # on the GPU, resumable
+    python experiments/capacity_cliff.py --deadline-s 540                   # on the GPU, resumable
     python experiments/capacity_cliff.py --report-only
 
 The seed expects pure Mamba near 0% beyond d_state and the hybrid near 95% at 128 pairs. It names

@@ -2,7 +2,7 @@
 num_pairs. Capacity is the largest num_pairs with accuracy still >= 50%; the question is whether it
 grows as O(d_state).
 
-    python experiments/d_state_scaling.py --parallel 8 --deadline-s 540    # on the GPU, resumable
+    python experiments/d_state_scaling.py --deadline-s 540                  # on the GPU, resumable
     python experiments/d_state_scaling.py --report-only
 
 d_state 64 at 16-512 pairs is the capacity cliff's pure Mamba-2, with the very same flags, so those

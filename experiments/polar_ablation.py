@@ -1,6 +1,6 @@
 """The Polar-Mem-Mamba decoder and each of its three mechanisms switched off, at 128 and 256 pairs.
 
-    python experiments/polar_ablation.py --parallel 8 --deadline-s 540    # on the GPU, resumable
+    python experiments/polar_ablation.py --deadline-s 540                  # on the GPU, resumable
     python experiments/polar_ablation.py --report-only
 """
 import sys

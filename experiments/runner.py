@@ -2,10 +2,10 @@
 
 Every experiment script hands `run_grid` a dict {run name: train.py flags}. A run whose result
 file holds the same flags is skipped; a run with a checkpoint but no result continues with
---resume if it was started with the same flags; the rest start fresh. Several runs share the GPU
-at once (these models are far too small to fill an H100 alone). When --deadline-s is near, running
-jobs are stopped (their last checkpoint stays) so that a 30-minute device slice ends cleanly; the
-next call picks up where this one stopped.
+--resume if it was started with the same flags; the rest start fresh. A few runs share the GPU at
+once (PARALLEL says why not more). When --deadline-s is near, running jobs are stopped (their last
+checkpoint stays) so that a 30-minute device slice ends cleanly; the next call picks up where this
+one stopped.
 
 Layout: runs/<experiment>/<run>/{flags.json,ckpt.pt,log.jsonl,train.log}, results/<experiment>/runs/<run>.json
 (the run's flags, its log and eval.py's scores), aggregated by the experiment script.
@@ -201,10 +201,18 @@ def write_report(experiment: str, summary: dict, table: str) -> None:
     print(f"wrote {out / 'summary.json'}, {out / 'table.md'}")
 
 
+# Runs at once on one GPU. Without MPS, processes sharing a GPU take turns on it (NVIDIA, "When to
+# Use MPS", docs.nvidia.com/deploy/mps/), so side by side they share one GPU's time rather than add
+# to it. On an H100 (README, Device cost), with three runs side by side a 128-pair pure Mamba-2 run
+# kept ~85% of its speed alone and a composite run ~45%; with fifteen, ~18% and ~7%. Each run then
+# takes ~5x longer, and a run unfinished when the session's device time ends loses its checkpoint with the machine.
+PARALLEL = 3
+
+
 @dataclass(frozen=True)
 class MQARArgs:
-    parallel: int = 8
-    """runs at once on the device"""
+    parallel: int = PARALLEL
+    """runs at once on the device (runner.PARALLEL says why not more)"""
     deadline_s: float = 540
     """stop starting runs and checkpoint the running ones after this many seconds"""
     seeds: int = 3
