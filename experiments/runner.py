@@ -204,8 +204,9 @@ def write_report(experiment: str, summary: dict, table: str) -> None:
 # Runs at once on one GPU. Without MPS, processes sharing a GPU take turns on it (NVIDIA, "When to
 # Use MPS", docs.nvidia.com/deploy/mps/), so side by side they share one GPU's time rather than add
 # to it. On an H100 (README, Device cost), with three runs side by side a 128-pair pure Mamba-2 run
-# kept ~85% of its speed alone and a composite run ~45%; with fifteen, ~18% and ~7%. Each run then
-# takes ~5x longer, and a run unfinished when the session's device time ends loses its checkpoint with the machine.
+# kept ~80% of its speed alone and a composite run ~45%; with fifteen, ~17% and ~7%. Each run then
+# takes ~5x longer, and a run unfinished when the session's device time ends loses its checkpoint
+# with the machine.
 PARALLEL = 3
 
 
