@@ -449,6 +449,45 @@ def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkey
     assert done["m1_lr0.002_s0"]["eval"] == [{"acc": 0.99}] and done["m1_lr0.002_s0"]["flags"] == flags
 
 
+def test_runner_spreads_runs_over_the_gpus(tmp_path, monkeypatch):
+    """`parallel` runs at once on each GPU, a new one on the least loaded, each run trained and scored
+    on the same GPU (processes are stand-ins that write what train.py and eval.py would)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import runner
+    monkeypatch.setattr(runner, "ROOT", tmp_path)
+    monkeypatch.setattr(runner, "visible_gpus", lambda: ["3", "5"])
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    alive, started = [], []  # processes not yet seen ended; (script, run dir, GPU) in starting order
+
+    class Process:
+        def __init__(self, cmd, cwd, env, stdout, stderr):
+            self.returncode, self.polled = 0, False
+            alive.append(self)
+            assert len(alive) <= 2 * 2, "more than parallel=2 runs at once on each of 2 GPUs"
+            if cmd[1] == "train.py":
+                run_dir = Path(cmd[cmd.index("--out-dir") + 1])
+                (run_dir / "log.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+            else:
+                run_dir = Path(cmd[cmd.index("--out") + 1]).parent
+                (run_dir / "eval.json").write_text(json.dumps([{"acc": 1.0}]))
+            started.append((cmd[1], run_dir.name, env["CUDA_VISIBLE_DEVICES"]))
+
+        def poll(self):  # a process ends the second time it is asked
+            if self.polled and self in alive:
+                alive.remove(self)
+            self.polled = True
+            return self.returncode if self not in alive else None
+
+    monkeypatch.setattr(runner.subprocess, "Popen", Process)
+    grid = {f"r{i}": ["--seed", str(i)] for i in range(6)}
+    done = runner.run_grid("x", grid, parallel=2, deadline_s=60, exec_flags=[])
+    assert sorted(done) == sorted(grid)
+    gpu_of = {}
+    for script, run, gpu in started:
+        assert gpu_of.setdefault(run, gpu) == gpu  # eval.py on the GPU the run trained on
+    assert sorted(gpu_of.values()) == ["3", "3", "3", "5", "5", "5"]
+
+
 def test_d_state_scaling_reads_the_cliffs_runs_only_for_identical_flags():
     """d_state 64 cells come from the capacity cliff's pure Mamba-2: that is sound only while the two
     scripts would train exactly the same runs."""

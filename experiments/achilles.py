@@ -29,7 +29,7 @@ BEST = (7, 1.0)
 @dataclass(frozen=True)
 class Args:
     parallel: int = PARALLEL
-    """runs at once on the device (runner.PARALLEL says why not more)"""
+    """runs at once on each GPU (runner.PARALLEL says why not more)"""
     deadline_s: float = 540
     """stop starting runs and checkpoint the running ones after this many seconds"""
     seeds: int = 3

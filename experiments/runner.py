@@ -2,10 +2,10 @@
 
 Every experiment script hands `run_grid` a dict {run name: train.py flags}. A run whose result
 file holds the same flags is skipped; a run with a checkpoint but no result continues with
---resume if it was started with the same flags; the rest start fresh. A few runs share the GPU at
-once (PARALLEL says why not more). When --deadline-s is near, running jobs are stopped (their last
-checkpoint stays) so that a 30-minute device slice ends cleanly; the next call picks up where this
-one stopped.
+--resume if it was started with the same flags; the rest start fresh. A few runs share each GPU
+at once (PARALLEL says why not more), spread over every GPU the runner sees. When --deadline-s is
+near, running jobs are stopped (their last checkpoint stays) so that a 30-minute device slice ends
+cleanly; the next call picks up where this one stopped.
 
 Layout: runs/<experiment>/<run>/{flags.json,ckpt.pt,log.jsonl,train.log}, results/<experiment>/runs/<run>.json
 (the run's flags, its log and eval.py's scores), aggregated by the experiment script.
@@ -53,6 +53,15 @@ def write_result(experiment: str, name: str, flags: list[str], exec_flags: list[
 CHILD_ENV = {**os.environ, "TRITON_CACHE_AUTOTUNING": "1"}
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, by the names CUDA_VISIBLE_DEVICES gives them (so that a run given
+    one of them sees only it); none on a CPU machine."""
+    import torch
+    count = torch.cuda.device_count()  # CUDA counts the visible ones up to the first it cannot use
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[:count] if visible and count else [str(i) for i in range(count)]
+
+
 def load_results(experiment: str, grid: dict[str, list[str]]) -> dict[str, dict]:
     """The results of `grid`'s runs: name -> result, for each result file made with exactly the
     run's flags now (a changed budget or grid makes old results stale, not silently reused)."""
@@ -81,15 +90,23 @@ def prepare(run_dir: Path, flags: list[str]) -> list[str]:
     return []
 
 
+def start_process(cmd: list[str], gpu: str, log) -> subprocess.Popen:
+    """cmd in the repository's root, its output to log, seeing only `gpu` (if one is named)."""
+    env = {**CHILD_ENV, "CUDA_VISIBLE_DEVICES": gpu} if gpu else CHILD_ENV
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
 def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadline_s: float,
              exec_flags: list[str]) -> dict[str, dict]:
-    """Train, then score, every run of `grid` not done yet, `parallel` at a time, with the execution
-    flags `exec_flags` (a path, e.g. --no-compile, which does not change what a run measures) added;
-    returns the results of the runs done.
+    """Train, then score, every run of `grid` not done yet, `parallel` at a time on each visible GPU,
+    with the execution flags `exec_flags` (a path, e.g. --no-compile, which does not change what a
+    run measures) added; returns the results of the runs done.
 
-    Each run is two processes in turn, train.py then eval.py, and none blocks the others. The first
-    run starts alone; the rest follow once it has logged its first steps (its autotuning is then on disk)."""
+    Each run is two processes in turn, train.py then eval.py, on one GPU, and none blocks the others.
+    A new run goes to the GPU with the fewest of this grid's runs. The first run starts alone; the
+    rest follow once it has logged its first steps (its autotuning is then on disk)."""
     start = time.monotonic()
+    gpus = visible_gpus() or [""]  # "": a CPU machine, the run's environment unchanged
     # A run trained and scored in an earlier call may have lost its result file: the device's copy of
     # the repository is refreshed from the local checkout before each call, which drops result files
     # not fetched yet, while runs/ (ignored by git) stays. Such a run is written again from its
@@ -100,23 +117,23 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
         if name not in done and (run_dir / "eval.json").exists() and stamped(run_dir, flags):
             done[name] = write_result(experiment, name, flags, exec_flags, run_dir)
     todo = [name for name in grid if name not in done]
-    running: dict[str, tuple[subprocess.Popen, Path, object]] = {}  # name -> process, its dir, its log file
+    running: dict[str, tuple[subprocess.Popen, Path, object, str]] = {}  # name -> process, its dir, its log file, its GPU
     scoring: set[str] = set()  # runs whose process is eval.py
     warm = False  # has a run of this call logged training steps, or ended, yet
     print(f"{experiment}: {len(grid) - len(todo)} of {len(grid)} runs done, {len(todo)} to go", flush=True)
     while todo or running:
         late = time.monotonic() - start > deadline_s
-        warm = warm or any("| loss" in (d / "train.log").read_text() for _, d, _ in running.values())
-        while todo and len(running) < parallel and not late and (warm or not running):
+        warm = warm or any("| loss" in (d / "train.log").read_text() for _, d, _, _ in running.values())
+        while todo and len(running) < parallel * len(gpus) and not late and (warm or not running):
             name = todo.pop(0)
             run_dir = run_path(experiment, name)
             resume = prepare(run_dir, grid[name])
             cmd = [sys.executable, "train.py", *grid[name], *exec_flags, "--out-dir", str(run_dir), *resume]
             log = open(run_dir / "train.log", "a")
-            running[name] = (subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=log, stderr=subprocess.STDOUT),
-                             run_dir, log)
-            print(f"  start {name}{' (resumed)' if resume else ''}", flush=True)
-        for name, (proc, run_dir, log) in list(running.items()):
+            gpu = min(gpus, key=lambda g: sum(g == run[3] for run in running.values()))
+            running[name] = (start_process(cmd, gpu, log), run_dir, log, gpu)
+            print(f"  start {name}{' (resumed)' if resume else ''}{f' on GPU {gpu}' if gpu else ''}", flush=True)
+        for name, (proc, run_dir, log, gpu) in list(running.items()):
             if late and proc.poll() is None and name not in scoring:
                 proc.terminate()  # its last checkpoint is the resume point
             if proc.poll() is None:
@@ -125,8 +142,7 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
             if proc.returncode == 0 and name not in scoring:  # trained: score the final checkpoint
                 scoring.add(name)
                 cmd = [sys.executable, "eval.py", "--ckpt", str(run_dir / "ckpt.pt"), "--out", str(run_dir / "eval.json")]
-                running[name] = (subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=log, stderr=subprocess.STDOUT),
-                                 run_dir, log)
+                running[name] = (start_process(cmd, gpu, log), run_dir, log, gpu)
                 continue
             del running[name]
             log.close()
@@ -213,7 +229,7 @@ PARALLEL = 3
 @dataclass(frozen=True)
 class MQARArgs:
     parallel: int = PARALLEL
-    """runs at once on the device (runner.PARALLEL says why not more)"""
+    """runs at once on each GPU (runner.PARALLEL says why not more)"""
     deadline_s: float = 540
     """stop starting runs and checkpoint the running ones after this many seconds"""
     seeds: int = 3
