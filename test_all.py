@@ -426,6 +426,11 @@ def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkey
     put("h2_lr0.0005_s1", runner.mqar_grid({"h2": hybrid2}, (), 2, 50)["h2_lr0.0005_s1"], 0.0)  # another budget
     done = runner.load_results("x", grid)
     assert sorted(done) == ["h2_lr0.00025_s0", "h2_lr0.00025_s1", "h2_lr0.0005_s0"]
+    put("m1_lr0.002_s0", grid["m1_lr0.002_s0"], 0.5)  # the best of one lr of two: the report says so
+    summary = runner.run_mqar("x", {"h2": hybrid2, "m1": []}, runner.MQARArgs(seeds=2, steps=100, report_only=True))
+    assert runner.cell(summary, "h2") == "90.0 ± 0.0 (lr 0.0005, 1 seeds)"
+    assert runner.cell(summary, "m1") == "50.0 ± 0.0 (lr 0.002, 1 seeds; 1 of 2 lrs)"
+    assert runner.cell(summary, "p2") == "not run"
     done.pop("h2_lr0.0005_s0")
     assert runner.best_lr(list(done.values())) == {"h2": {"lr": 2.5e-4, "seeds": 2, "mean": pytest.approx(0.3),
                                                           "std": pytest.approx(0.1 * math.sqrt(2))}}

@@ -44,8 +44,11 @@ def plot(summary: dict, path: Path) -> None:
     for m in MODELS:
         done = [(n, summary[f"{m}_N{n}"]) for n in PAIRS if f"{m}_N{n}" in summary]
         if done:
-            ax.errorbar([n for n, _ in done], [s["mean"] for _, s in done], [s["std"] for _, s in done],
-                        marker="o", capsize=3, label=m)
+            line, *_ = ax.errorbar([n for n, _ in done], [s["mean"] for _, s in done], [s["std"] for _, s in done],
+                                   marker="o", capsize=3, label=m)
+            partial = [(n, s["mean"]) for n, s in done if s["lrs_run"] < s["lrs"]]
+            ax.plot([n for n, _ in partial], [a for _, a in partial], "o", color=line.get_color(), markerfacecolor="white", zorder=3)
+    ax.plot([], [], "o", color="gray", markerfacecolor="white", label="not all lrs run yet")
     ax.axvline(64, color="gray", linestyle="--", linewidth=0.8, label="N = d_state")
     ax.set_xscale("log", base=2)
     ax.set_xticks(PAIRS, [str(n) for n in PAIRS])  # the whole grid, so a missing point shows as missing

@@ -156,7 +156,8 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
         time.sleep(2)
     done = load_results(experiment, grid)
     missing = [name for name in grid if name not in done]
-    print(f"{experiment}: {len(done)} of {len(grid)} done; missing: {' '.join(missing) or 'none'}")
+    print(f"{experiment}: {len(done)} of {len(grid)} done; missing: {' '.join(missing[:8]) or 'none'}"
+          f"{f' and {len(missing) - 8} more' if len(missing) > 8 else ''}")
     return done
 
 
@@ -193,12 +194,18 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def split_name(name: str) -> tuple[str, str]:
+    """{config}_lr{lr}_s{seed} (mqar_grid's run names) -> (config, lr)."""
+    config, lr = name.rsplit("_s", 1)[0].rsplit("_lr", 1)
+    return config, lr
+
+
 def best_lr(results: list[dict]) -> dict[str, dict]:
     """Config -> the lr whose mean accuracy over seeds is highest, and that mean and std
     (Zoology's protocol: each architecture gets its best learning rate)."""
     by_run: dict[str, dict[str, list[float]]] = {}
     for r in results:
-        config, lr = r["name"].rsplit("_s", 1)[0].rsplit("_lr", 1)
+        config, lr = split_name(r["name"])
         by_run.setdefault(config, {}).setdefault(lr, []).append(r["eval"][0]["acc"])
     out = {}
     for config, by_lr in by_run.items():
@@ -247,13 +254,22 @@ class MQARArgs:
 
 
 def run_mqar(experiment: str, configs: dict[str, list[str]], args: MQARArgs) -> dict[str, dict]:
-    """Run what is missing of the grid (unless --report-only), then each config's best-lr summary."""
+    """Run what is missing of the grid (unless --report-only), then each config's best-lr summary,
+    with how many of its learning rates have a result ("lrs_run" of "lrs"): a best over part of
+    the grid is not yet the protocol's number."""
     grid = mqar_grid(configs, args.lrs, args.seeds, args.steps)
     results = (load_results(experiment, grid) if args.report_only
                else run_grid(experiment, grid, args.parallel, args.deadline_s, args.exec_flags.split()))
-    return best_lr(list(results.values()))
+    summary = best_lr(list(results.values()))
+    for config, s in summary.items():
+        s["lrs_run"] = len({split_name(name)[1] for name in results if split_name(name)[0] == config})
+        s["lrs"] = len({split_name(name)[1] for name in grid if split_name(name)[0] == config})
+    return summary
 
 
 def cell(summary: dict, config: str) -> str:
     s = summary.get(config)
-    return "not run" if s is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} (lr {s['lr']:g}, {s['seeds']} seeds)"
+    if s is None:
+        return "not run"
+    partial = f"; {s['lrs_run']} of {s['lrs']} lrs" if s["lrs_run"] < s["lrs"] else ""
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} (lr {s['lr']:g}, {s['seeds']} seeds{partial})"
