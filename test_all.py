@@ -433,7 +433,7 @@ def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkey
     assert runner.cell(summary, "p2") == "not run"
     done.pop("h2_lr0.0005_s0")
     assert runner.best_lr(list(done.values())) == {"h2": {"lr": 2.5e-4, "seeds": 2, "mean": pytest.approx(0.3),
-                                                          "std": pytest.approx(0.1 * math.sqrt(2))}}
+                                                          "std": pytest.approx(0.1 * math.sqrt(2)), "lrs_run": 1}}
 
     run_dir, flags = tmp_path / "runs" / "x" / "m1_lr0.001_s0", grid["m1_lr0.001_s0"]
     assert runner.prepare(run_dir, flags) == []  # fresh

@@ -201,8 +201,8 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def best_lr(results: list[dict]) -> dict[str, dict]:
-    """Config -> the lr whose mean accuracy over seeds is highest, and that mean and std
-    (Zoology's protocol: each architecture gets its best learning rate)."""
+    """Config -> the lr whose mean accuracy over seeds is highest, that mean and std (Zoology's
+    protocol: each architecture gets its best learning rate), and how many lrs it was chosen among."""
     by_run: dict[str, dict[str, list[float]]] = {}
     for r in results:
         config, lr = split_name(r["name"])
@@ -211,7 +211,7 @@ def best_lr(results: list[dict]) -> dict[str, dict]:
     for config, by_lr in by_run.items():
         lr, accs = max(by_lr.items(), key=lambda kv: statistics.mean(kv[1]))
         mean, std = mean_std(accs)
-        out[config] = {"lr": float(lr), "seeds": len(accs), "mean": mean, "std": std}
+        out[config] = {"lr": float(lr), "seeds": len(accs), "mean": mean, "std": std, "lrs_run": len(by_lr)}
     return out
 
 
@@ -262,8 +262,7 @@ def run_mqar(experiment: str, configs: dict[str, list[str]], args: MQARArgs) -> 
                else run_grid(experiment, grid, args.parallel, args.deadline_s, args.exec_flags.split()))
     summary = best_lr(list(results.values()))
     for config, s in summary.items():
-        s["lrs_run"] = len({split_name(name)[1] for name in results if split_name(name)[0] == config})
-        s["lrs"] = len({split_name(name)[1] for name in grid if split_name(name)[0] == config})
+        s["lrs"] = len(args.lrs or default_lrs(configs[config]))  # as mqar_grid chose them
     return summary
 
 
