@@ -6,6 +6,7 @@ and skip with the reason elsewhere.
 import dataclasses
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -355,6 +356,33 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     train(dataclasses.replace(cfg, max_steps=6, out_dir=straight))
     resumed, direct = torch.load(tmp_path / "ckpt.pt", weights_only=True), torch.load(straight / "ckpt.pt", weights_only=True)
     assert resumed["step"] == direct["step"] == 6
+    for name in direct["model"]:
+        torch.testing.assert_close(resumed["model"][name], direct["model"][name], rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_stops_at_the_next_log_line_checkpointed_and_resume_continues(tmp_path, monkeypatch):
+    """The runner's deadline sends SIGTERM: the run must checkpoint where it stops (not fall back to
+    its last evaluation), say so, and then resume to where an uninterrupted run lands."""
+    cfg = tiny_run(tmp_path, max_steps=8, eval_every=8, log_every=2)
+    real_step, steps = train_module.train_step, []
+
+    def step_then_sigterm(*args):  # the signal arrives during step 3
+        steps.append(len(steps) + 1)
+        if len(steps) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(*args)
+
+    monkeypatch.setattr(train_module, "train_step", step_then_sigterm)
+    with pytest.raises(train_module.Stopped, match="step 4"):
+        train(cfg)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4  # the log line after it
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler does not outlive the run
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    train(dataclasses.replace(cfg, resume=True))
+    train(dataclasses.replace(cfg, out_dir=tmp_path / "straight"))
+    resumed = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    direct = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == direct["step"] == 8
     for name in direct["model"]:
         torch.testing.assert_close(resumed["model"][name], direct["model"][name], rtol=1e-5, atol=1e-6)
 

@@ -6,13 +6,15 @@
 
 A straight script in the nanoGPT mould: config, DDP from torchrun's environment, model, optimizer,
 warm-up + cosine LR, the MQAR pairs curriculum (mqar.py), the loop, periodic held-out evaluation,
-atomic checkpoints.
+atomic checkpoints, and a clean stop on SIGTERM (checkpointed, exit status 1: continue with --resume).
 """
 import argparse
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -171,6 +173,10 @@ def save_checkpoint(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
+class Stopped(Exception):
+    """SIGTERM ended the run before --max-steps; its checkpoint holds the step it stopped at."""
+
+
 def rng_state(device: torch.device) -> dict:
     return {"cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)}
@@ -252,6 +258,14 @@ def train(cfg: TrainConfig) -> dict:
             save_checkpoint(ckpt_path, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                             config=cfg.as_dict(), step=step, level=level, rng=states)
 
+    # A stop request (SIGTERM: the experiment runner's deadline, a scheduler's preemption) ends the run
+    # at the next log line, checkpointed there, so that a resumed run loses at most --log-every steps
+    # rather than all those since the last evaluation. Every rank sees the request in the log line's
+    # all-reduce and stops at the same step.
+    stop_requested = threading.Event()
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
+    stopping, stopped = False, False  # a log line has seen the request; the loop ended on it
+
     # ---- the loop
     tokens = 0  # since the last log line; shapes are known on the host, so counting costs no sync
     loss_sum = torch.zeros((), device=device)
@@ -274,9 +288,11 @@ def train(cfg: TrainConfig) -> dict:
             correct_sum += ((logits.argmax(-1) == batch.labels) & asked).sum()  # a mask, not indexing: no sync
             queries_sum += asked.sum()
         if step % cfg.log_every == 0:
-            sums = torch.stack([loss_sum, correct_sum, queries_sum])
+            sums = torch.stack([loss_sum, correct_sum, queries_sum,
+                                torch.tensor(float(stop_requested.is_set()), device=device)])
             if distributed:
-                dist.all_reduce(sums)  # every rank must take the same curriculum step
+                dist.all_reduce(sums)  # every rank must take the same curriculum step, and stop at the same step
+            stopping = sums[3].item() > 0
             loss_avg, train_acc = sums[0].item() / ((step - step_log) * world), (sums[1] / sums[2]).item()
             dt = time.perf_counter() - t_log
             if master:
@@ -304,9 +320,16 @@ def train(cfg: TrainConfig) -> dict:
                     print(f"reached --target-acc {cfg.target_acc} at step {step}", flush=True)
                 break
             t_log = time.perf_counter()  # evaluation time is not training throughput
+        if stopping and step < cfg.max_steps:
+            checkpoint(step)
+            stopped = True
+            break
 
+    signal.signal(signal.SIGTERM, previous_handler)
     if distributed:
         dist.destroy_process_group()
+    if stopped:
+        raise Stopped(f"SIGTERM: stopped at step {step}, checkpointed to {ckpt_path}; continue with --resume")
     return result
 
 
@@ -316,4 +339,7 @@ if __name__ == "__main__":
         config.validate()
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    train(config)
+    try:
+        train(config)
+    except Stopped as e:
+        raise SystemExit(f"stopped: {e}")  # exit status 1: the run is not finished

@@ -4,8 +4,8 @@ Every experiment script hands `run_grid` a dict {run name: train.py flags}. A ru
 file holds the same flags is skipped; a run with a checkpoint but no result continues with
 --resume if it was started with the same flags; the rest start fresh. A few runs share each GPU
 at once (PARALLEL says why not more), spread over every GPU the runner sees. When --deadline-s is
-near, running jobs are stopped (their last checkpoint stays) so that a 30-minute device slice ends
-cleanly; the next call picks up where this one stopped.
+near, running jobs are stopped with SIGTERM (train.py checkpoints at its next log line and exits)
+so that a 30-minute device slice ends cleanly; the next call picks up where this one stopped.
 
 Layout: runs/<experiment>/<run>/{flags.json,ckpt.pt,log.jsonl,train.log}, results/<experiment>/runs/<run>.json
 (the run's flags, its log and eval.py's scores), aggregated by the experiment script.
@@ -135,7 +135,7 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
             print(f"  start {name}{' (resumed)' if resume else ''}{f' on GPU {gpu}' if gpu else ''}", flush=True)
         for name, (proc, run_dir, log, gpu) in list(running.items()):
             if late and proc.poll() is None and name not in scoring:
-                proc.terminate()  # its last checkpoint is the resume point
+                proc.terminate()  # SIGTERM: train.py checkpoints at its next log line, the resume point
             if proc.poll() is None:
                 continue
             warm = True
