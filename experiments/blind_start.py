@@ -25,6 +25,10 @@ EXPECTED = {"0,2": "~95%", "0": "85-90%", "8,16": "~0%", "none": "~0%"}
 # 0 and 8,16 through 7,750), while 1e-3 took 0,2 and 8,16 to 99% within 500 steps (README); those
 # 2e-3 runs are kept in results/blind_start/lr2e-3/.
 LRS = (5e-4, 1e-3)
+# One run per GPU: a run that does not learn early needs its whole 10,000 steps within one session
+# (its ~190 MB checkpoint cannot come back from the device), which two per GPU, at 5.3 steps/s each,
+# did not reach; one per GPU, at 6.6-6.9 beside two lighter runs, just did (README, Device cost).
+PARALLEL = 1
 
 
 def main(args: MQARArgs) -> None:
@@ -36,4 +40,4 @@ def main(args: MQARArgs) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(MQARArgs, default=MQARArgs(lrs=LRS)))
+    main(tyro.cli(MQARArgs, default=MQARArgs(lrs=LRS, parallel=PARALLEL)))
