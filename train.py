@@ -342,4 +342,4 @@ if __name__ == "__main__":
     try:
         train(config)
     except Stopped as e:
-        raise SystemExit(f"stopped: {e}")  # exit status 1: the run is not finished
+        raise SystemExit(str(e))  # exit status 1: the run is not finished
