@@ -292,8 +292,8 @@ def train(cfg: TrainConfig) -> dict:
                                 torch.tensor(float(stop_requested.is_set()), device=device)])
             if distributed:
                 dist.all_reduce(sums)  # every rank must take the same curriculum step, and stop at the same step
-            stopping = sums[3].item() > 0
-            loss_avg, train_acc = sums[0].item() / ((step - step_log) * world), (sums[1] / sums[2]).item()
+            loss_total, correct, queries, stop_votes = sums.tolist()  # one host sync for the log line
+            loss_avg, train_acc, stopping = loss_total / ((step - step_log) * world), correct / queries, stop_votes > 0
             dt = time.perf_counter() - t_log
             if master:
                 pairs = f" | {rungs[level].num_pairs} pairs" if rungs else ""
