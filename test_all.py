@@ -521,6 +521,45 @@ def test_runner_spreads_runs_over_the_gpus(tmp_path, monkeypatch):
     assert sorted(gpu_of.values()) == ["3", "3", "3", "5", "5", "5"]
 
 
+def test_runner_deadline_sends_one_sigterm_and_waits_for_the_checkpoint(tmp_path, monkeypatch):
+    """At --deadline-s a running train.py gets SIGTERM once, then the runner waits while it trains on
+    to its next log line: a second SIGTERM would meet the default handler train.py has restored by
+    then and kill it (exit -15) on its way out."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import runner
+    monkeypatch.setattr(runner, "ROOT", tmp_path)
+    monkeypatch.setattr(runner, "visible_gpus", lambda: [])
+    clock = [0.0]  # the runner's time: each of its 2-second naps advances it
+
+    def nap(seconds):
+        clock[0] += seconds
+    monkeypatch.setattr(runner, "time", type("Clock", (), {"monotonic": lambda: clock[0], "sleep": nap}))
+
+    class Process:  # stand-in for train.py: it stops 3 polls after its SIGTERM, at exit status 1
+        def __init__(self, *args, **kwargs):
+            self.returncode, self.sigterms, self.polls_left = None, 0, None
+
+        def terminate(self):
+            self.sigterms += 1
+            if self.sigterms == 1:
+                self.polls_left = 3
+            else:  # the default handler, restored
+                self.returncode = -signal.SIGTERM
+
+        def poll(self):
+            if self.returncode is None and self.polls_left is not None:
+                self.polls_left -= 1
+                if self.polls_left == 0:
+                    self.returncode = 1  # checkpointed at its next log line: Stopped
+            return self.returncode
+
+    processes = []
+    monkeypatch.setattr(runner.subprocess, "Popen", lambda *a, **k: processes.append(Process()) or processes[-1])
+    done = runner.run_grid("x", {"r0": ["--seed", "0"]}, parallel=1, deadline_s=5, exec_flags=[])
+    assert done == {} and len(processes) == 1  # stopped, not finished: it resumes next call
+    assert processes[0].returncode == 1 and processes[0].sigterms == 1
+
+
 def test_d_state_scaling_reads_the_cliffs_runs_only_for_identical_flags():
     """d_state 64 cells come from the capacity cliff's pure Mamba-2: that is sound only while the two
     scripts would train exactly the same runs."""

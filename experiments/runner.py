@@ -119,6 +119,7 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
     todo = [name for name in grid if name not in done]
     running: dict[str, tuple[subprocess.Popen, Path, object, str]] = {}  # name -> process, its dir, its log file, its GPU
     scoring: set[str] = set()  # runs whose process is eval.py
+    terminated: set[str] = set()  # runs sent SIGTERM at the deadline
     warm = False  # has a run of this call logged training steps, or ended, yet
     print(f"{experiment}: {len(grid) - len(todo)} of {len(grid)} runs done, {len(todo)} to go", flush=True)
     while todo or running:
@@ -134,8 +135,9 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
             running[name] = (start_process(cmd, gpu, log), run_dir, log, gpu)
             print(f"  start {name}{' (resumed)' if resume else ''}{f' on GPU {gpu}' if gpu else ''}", flush=True)
         for name, (proc, run_dir, log, gpu) in list(running.items()):
-            if late and proc.poll() is None and name not in scoring:
+            if late and proc.poll() is None and name not in scoring and name not in terminated:
                 proc.terminate()  # SIGTERM: train.py checkpoints at its next log line, the resume point
+                terminated.add(name)  # once: a second SIGTERM, after train.py restores the default handler, kills it
             if proc.poll() is None:
                 continue
             warm = True
