@@ -560,6 +560,33 @@ def test_runner_deadline_sends_one_sigterm_and_waits_for_the_checkpoint(tmp_path
     assert processes[0].returncode == 1 and processes[0].sigterms == 1
 
 
+def test_experiment_reports_rebuild_tables_and_plots_from_partial_results(tmp_path, monkeypatch):
+    """--report-only on a grid that is part done (seed 0 only, no 512-pair and no control runs): each
+    script writes its table, saying which cells are not run, and its PNG."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import blind_start
+    import capacity_cliff
+    import d_state_scaling
+    import polar_ablation
+    import runner
+    for module in (runner, blind_start, capacity_cliff, d_state_scaling, polar_ablation):
+        monkeypatch.setattr(module, "ROOT", tmp_path)
+
+    def seed_0_results(experiment, grid):
+        return {name: {"name": name, "flags": flags, "eval": [{"acc": 0.5}]} for name, flags in grid.items()
+                if name.endswith("_s0") and "N512" not in name and "none" not in name and "no-gsa" not in name}
+    monkeypatch.setattr(runner, "load_results", seed_0_results)
+    args = runner.MQARArgs(report_only=True)
+    for script, png in [(capacity_cliff, "cliff.png"), (d_state_scaling, "capacity.png"), (blind_start, "blind_start.png"),
+                        (polar_ablation, "ablation.png")]:
+        script.main(args)
+        out = tmp_path / "results" / script.EXPERIMENT
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+        table = (out / "table.md").read_text()
+        assert "50.0 ± 0.0" in table and "not run" in table, table
+    assert "incomplete (6 of 7)" in (tmp_path / "results" / "d_state_scaling" / "table.md").read_text()
+
+
 def test_d_state_scaling_reads_the_cliffs_runs_only_for_identical_flags():
     """d_state 64 cells come from the capacity cliff's pure Mamba-2: that is sound only while the two
     scripts would train exactly the same runs."""

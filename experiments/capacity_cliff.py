@@ -14,7 +14,7 @@ from pathlib import Path
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import ROOT, MQARArgs, cell, run_mqar, write_report  # noqa: E402
+from runner import ROOT, MQARArgs, cell, plot_vs_pairs, run_mqar, write_report  # noqa: E402
 
 EXPERIMENT = "capacity_cliff"
 PAIRS = [16, 32, 64, 128, 256, 512]
@@ -33,30 +33,8 @@ def main(args: MQARArgs) -> None:
     for m in MODELS:
         lines.append(f"| {m} | " + " | ".join(cell(summary, f"{m}_N{n}") for n in PAIRS) + f" | {EXPECTED[m]} |")
     write_report(EXPERIMENT, summary, "\n".join(lines))
-    plot(summary, ROOT / "results" / EXPERIMENT / "cliff.png")
-
-
-def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in MODELS:
-        done = [(n, summary[f"{m}_N{n}"]) for n in PAIRS if f"{m}_N{n}" in summary]
-        if done:
-            line, *_ = ax.errorbar([n for n, _ in done], [s["mean"] for _, s in done], [s["std"] for _, s in done],
-                                   marker="o", capsize=3, label=m)
-            partial = [(n, s["mean"]) for n, s in done if s["lrs_run"] < s["lrs"]]
-            ax.plot([n for n, _ in partial], [a for _, a in partial], "o", color=line.get_color(), markerfacecolor="white", zorder=3)
-    ax.plot([], [], "o", color="gray", markerfacecolor="white", label="not all lrs run yet")
-    ax.axvline(64, color="gray", linestyle="--", linewidth=0.8, label="N = d_state")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(PAIRS, [str(n) for n in PAIRS])  # the whole grid, so a missing point shows as missing
-    ax.set_xlim(PAIRS[0] / 1.3, PAIRS[-1] * 1.3)
-    ax.set(xlabel="num_pairs", ylabel="per-query accuracy (best lr, mean ± std)", ylim=(0, 1.05))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_vs_pairs(summary, {m: m for m in MODELS}, PAIRS, {m: 64 for m in MODELS},
+                  ROOT / "results" / EXPERIMENT / "cliff.png")
 
 
 if __name__ == "__main__":

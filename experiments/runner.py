@@ -226,6 +226,64 @@ def write_report(experiment: str, summary: dict, table: str) -> None:
     print(f"wrote {out / 'summary.json'}, {out / 'table.md'}")
 
 
+
+def plot_vs_pairs(summary: dict, series: dict[str, str], pairs: list[int], d_states: dict[str, int], path: Path) -> None:
+    """Accuracy against num_pairs, one line per series (label -> config prefix, whose cells are
+    summary["{prefix}_N{n}"]): each config's best lr, mean ± std over seeds, a hollow point where not
+    all its lrs have run yet; a dashed line at N = d_state (d_states: label -> d_state)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    one_d_state = len(set(d_states.values())) == 1
+    for label, prefix in series.items():
+        done = [(n, summary[f"{prefix}_N{n}"]) for n in pairs if f"{prefix}_N{n}" in summary]
+        line, *_ = ax.errorbar([n for n, _ in done], [s["mean"] for _, s in done], [s["std"] for _, s in done],
+                               marker="o", capsize=3, label=label)
+        partial = [(n, s["mean"]) for n, s in done if s["lrs_run"] < s["lrs"]]
+        ax.plot([n for n, _ in partial], [a for _, a in partial], "o", color=line.get_color(), markerfacecolor="white", zorder=3)
+        ax.axvline(d_states[label], linestyle="--", linewidth=0.8, color="gray" if one_d_state else line.get_color())
+    ax.plot([], [], "o", color="gray", markerfacecolor="white", label="not all lrs run yet")
+    ax.plot([], [], "--", color="gray", linewidth=0.8, label="N = d_state")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(pairs, [str(n) for n in pairs])  # the whole grid, so a missing point shows as missing
+    ax.set_xlim(pairs[0] / 1.3, pairs[-1] * 1.3)
+    ax.set(xlabel="num_pairs", ylabel="per-query accuracy (best lr, mean ± std)", ylim=(0, 1.05))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def plot_bars(summary: dict, bars: dict[str, str], path: Path, expected: dict[str, tuple[float, float]] | None = None) -> None:
+    """One bar per config (label -> config): its best lr's accuracy, mean ± std over seeds, hatched
+    while not all its lrs have run; over it, where given, the range the seed expects (low, high)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    expected = expected or {}
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(bars)), 4))
+    for x, config in enumerate(bars.values()):
+        if s := summary.get(config):
+            ax.bar(x, s["mean"], yerr=s["std"], capsize=4, color="C0", hatch="//" if s["lrs_run"] < s["lrs"] else None)
+            ax.annotate(f"{100 * s['mean']:.1f}%\n{s['seeds']} seed{'s' * (s['seeds'] > 1)}",
+                        (x, s["mean"] + s["std"]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+        if config in expected:
+            low, high = expected[config]
+            ax.plot([x - 0.4, x + 0.4], [(low + high) / 2] * 2, color="C3", linewidth=2)
+            ax.fill_between([x - 0.4, x + 0.4], low, high, color="C3", alpha=0.3)
+    ax.set_xticks(range(len(bars)), list(bars))
+    ax.set(ylabel="per-query accuracy (best lr, mean ± std)", ylim=(0, 1.15))
+    handles = [Patch(color="C0", label="measured"), Patch(facecolor="C0", hatch="//", label="not all lrs run yet")]
+    handles += [Line2D([], [], color="C3", linewidth=2, label="seed expects")] if expected else []
+    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 # Runs at once on one GPU. Without MPS, processes sharing a GPU take turns on it (NVIDIA, "When to
 # Use MPS", docs.nvidia.com/deploy/mps/), so side by side they share one GPU's time rather than add
 # to it. On an H100 (README, Device cost), with three runs side by side a 128-pair pure Mamba-2 run
