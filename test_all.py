@@ -561,21 +561,23 @@ def test_runner_deadline_sends_one_sigterm_and_waits_for_the_checkpoint(tmp_path
 
 
 def test_experiment_reports_rebuild_tables_and_plots_from_partial_results(tmp_path, monkeypatch):
-    """--report-only on a grid that is part done (seed 0 only, no 512-pair and no control runs): each
-    script writes its table, saying which cells are not run, and its PNG."""
+    """--report-only on a grid that is part done (seed 0 only; no 512-pair, control or no-gsa runs):
+    each script writes its table, saying which cells are not run, and its PNG."""
     sys.path.insert(0, str(ROOT / "experiments"))
+    import achilles
     import blind_start
     import capacity_cliff
     import d_state_scaling
     import polar_ablation
     import runner
-    for module in (runner, blind_start, capacity_cliff, d_state_scaling, polar_ablation):
-        monkeypatch.setattr(module, "ROOT", tmp_path)
+    monkeypatch.setattr(runner, "ROOT", tmp_path)
 
     def seed_0_results(experiment, grid):
-        return {name: {"name": name, "flags": flags, "eval": [{"acc": 0.5}]} for name, flags in grid.items()
+        scores = {"acc": 0.5, "composite": 0.25, "symmetric": 0.0, "step": 200 * achilles.STEPS_PER_EPOCH}
+        return {name: {"name": name, "flags": flags, "eval": [scores]} for name, flags in grid.items()
                 if name.endswith("_s0") and "N512" not in name and "none" not in name and "no-gsa" not in name}
-    monkeypatch.setattr(runner, "load_results", seed_0_results)
+    for module in (runner, achilles):  # achilles.py runs its own grid, not through run_mqar
+        monkeypatch.setattr(module, "load_results", seed_0_results)
     args = runner.MQARArgs(report_only=True)
     for script, png in [(capacity_cliff, "cliff.png"), (d_state_scaling, "capacity.png"), (blind_start, "blind_start.png"),
                         (polar_ablation, "ablation.png")]:
@@ -585,6 +587,10 @@ def test_experiment_reports_rebuild_tables_and_plots_from_partial_results(tmp_pa
         table = (out / "table.md").read_text()
         assert "50.0 ± 0.0" in table and "not run" in table, table
     assert "incomplete (6 of 7)" in (tmp_path / "results" / "d_state_scaling" / "table.md").read_text()
+    achilles.main(achilles.Args(report_only=True))
+    assert (tmp_path / "results" / "achilles" / "phase.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 7 layers, gamma 1.0 | 1 | [200] | 50.0 ± 0.0 | 25.0 ± 0.0 | 0.0 ± 0.0 |" in (
+        tmp_path / "results" / "achilles" / "table.md").read_text()
 
 
 def test_d_state_scaling_reads_the_cliffs_runs_only_for_identical_flags():

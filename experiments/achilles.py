@@ -9,7 +9,6 @@ shallow first), so a partial slice of device time finishes whole groups. Every r
 `train.py --task composite` with the paper's defaults (composite.py, train.py COMPOSITE_DEFAULTS)
 plus the flags below; --epochs shortens them all alike (say so when you report).
 """
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import tyro
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from runner import PARALLEL, ROOT, load_results, mean_std, run_grid  # noqa: E402
+from runner import PARALLEL, load_results, mean_std, pyplot, run_grid, save_figure, write_report  # noqa: E402
 from train import COMPOSITE_EPOCH as STEPS_PER_EPOCH  # noqa: E402
 
 EXPERIMENT = "achilles"
@@ -90,12 +89,9 @@ def report(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def heatmap(summary: dict[str, dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def heatmap(summary: dict[str, dict]) -> None:
     import numpy as np
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 3.6))
     for ax, key in zip(axes, ["composite", "symmetric"]):
         grid = np.full((len(LAYERS), len(GAMMAS)), np.nan)
         for i, n in enumerate(LAYERS):
@@ -111,8 +107,7 @@ def heatmap(summary: dict[str, dict], path: Path) -> None:
         ax.set_yticks(range(len(LAYERS)), [str(n) for n in LAYERS])
         ax.set(xlabel="gamma (initialization rate)", ylabel="layers", title=f"{key} accuracy on (4, 3), mean over seeds")
         fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, EXPERIMENT, "phase.png")
 
 
 def main(args: Args) -> None:
@@ -124,13 +119,8 @@ def main(args: Args) -> None:
         print("no results yet")
         return
     summary = summarize(results)
-    out = ROOT / "results" / EXPERIMENT
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    table = report(summary)
-    (out / "table.md").write_text(table + "\n")
-    heatmap(summary, out / "phase.png")
-    print(table)
-    print(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'phase.png'}")
+    write_report(EXPERIMENT, summary, report(summary))
+    heatmap(summary)
 
 
 if __name__ == "__main__":

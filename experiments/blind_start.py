@@ -12,7 +12,7 @@ from pathlib import Path
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import ROOT, MQARArgs, cell, plot_bars, run_mqar, write_report  # noqa: E402
+from runner import MQARArgs, cell, plot_bars, run_mqar, write_report  # noqa: E402
 
 EXPERIMENT = "blind_start"
 # Run order within a seed (and table order): the cross-attention decoders first, the no-cross-attention
@@ -37,8 +37,9 @@ def main(args: MQARArgs) -> None:
     lines = ["| --hybrid | accuracy (%) | seed expects |", "|---|---|---|"]
     lines += [f"| {v or '(empty)'} | {cell(summary, f'hybrid_{k}')} | {expected(k)} |" for k, v in HYBRID.items()]
     write_report(EXPERIMENT, summary, "\n".join(lines))
-    plot_bars(summary, {f"--hybrid {v}" if v else "none": f"hybrid_{k}" for k, v in HYBRID.items()},
-              ROOT / "results" / EXPERIMENT / "blind_start.png", {f"hybrid_{k}": r for k, r in EXPECTED.items()})
+    plot_bars(EXPERIMENT, "blind_start.png", summary,
+              {f"--hybrid {v}" if v else "none": f"hybrid_{k}" for k, v in HYBRID.items()},
+              {f"hybrid_{k}": r for k, r in EXPECTED.items()})
 
 
 def expected(k: str) -> str:

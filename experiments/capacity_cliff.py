@@ -14,7 +14,7 @@ from pathlib import Path
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import ROOT, MQARArgs, cell, plot_vs_pairs, run_mqar, write_report  # noqa: E402
+from runner import MQARArgs, cell, plot_vs_pairs, run_mqar, write_report  # noqa: E402
 
 EXPERIMENT = "capacity_cliff"
 PAIRS = [16, 32, 64, 128, 256, 512]
@@ -33,8 +33,7 @@ def main(args: MQARArgs) -> None:
     for m in MODELS:
         lines.append(f"| {m} | " + " | ".join(cell(summary, f"{m}_N{n}") for n in PAIRS) + f" | {EXPECTED[m]} |")
     write_report(EXPERIMENT, summary, "\n".join(lines))
-    plot_vs_pairs(summary, {m: m for m in MODELS}, PAIRS, {m: 64 for m in MODELS},
-                  ROOT / "results" / EXPERIMENT / "cliff.png")
+    plot_vs_pairs(EXPERIMENT, "cliff.png", summary, {m: m for m in MODELS}, PAIRS, {m: 64 for m in MODELS})
 
 
 if __name__ == "__main__":

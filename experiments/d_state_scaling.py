@@ -16,7 +16,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import capacity_cliff  # noqa: E402
-from runner import ROOT, MQARArgs, cell, plot_vs_pairs, run_mqar, write_report  # noqa: E402
+from runner import MQARArgs, cell, plot_vs_pairs, run_mqar, write_report  # noqa: E402
 
 EXPERIMENT = "d_state_scaling"
 D_STATES = [16, 32, 64, 128]
@@ -47,8 +47,8 @@ def main(args: MQARArgs) -> None:
     for d in D_STATES:
         lines.append(f"| {d} | " + " | ".join(cell(summary, f"d{d}_N{n}") for n in PAIRS) + f" | {capacity(summary, d)} |")
     write_report(EXPERIMENT, summary, "\n".join(lines))
-    plot_vs_pairs(summary, {f"d_state {d}": f"d{d}" for d in D_STATES}, PAIRS, {f"d_state {d}": d for d in D_STATES},
-                  ROOT / "results" / EXPERIMENT / "capacity.png")
+    plot_vs_pairs(EXPERIMENT, "capacity.png", summary, {f"d_state {d}": f"d{d}" for d in D_STATES}, PAIRS,
+                  {f"d_state {d}": d for d in D_STATES})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import ROOT, MQARArgs, cell, plot_bars, run_mqar, write_report  # noqa: E402
+from runner import MQARArgs, cell, plot_bars, run_mqar, write_report  # noqa: E402
 
 EXPERIMENT = "polar_ablation"
 PAIRS = [128, 256]
@@ -23,8 +23,7 @@ def main(args: MQARArgs) -> None:
     lines = ["| decoder | " + " | ".join(f"N={n}" for n in PAIRS) + " |", "|---" * (len(PAIRS) + 1) + "|"]
     lines += [f"| {v} | " + " | ".join(cell(summary, f"{v}_N{n}") for n in PAIRS) + " |" for v in VARIANTS]
     write_report(EXPERIMENT, summary, "\n".join(lines))
-    plot_bars(summary, {f"{v}\nN={n}": f"{v}_N{n}" for n in PAIRS for v in VARIANTS},
-              ROOT / "results" / EXPERIMENT / "ablation.png")
+    plot_bars(EXPERIMENT, "ablation.png", summary, {f"{v}\nN={n}": f"{v}_N{n}" for n in PAIRS for v in VARIANTS})
 
 
 if __name__ == "__main__":

@@ -226,15 +226,27 @@ def write_report(experiment: str, summary: dict, table: str) -> None:
     print(f"wrote {out / 'summary.json'}, {out / 'table.md'}")
 
 
-
-def plot_vs_pairs(summary: dict, series: dict[str, str], pairs: list[int], d_states: dict[str, int], path: Path) -> None:
-    """Accuracy against num_pairs, one line per series (label -> config prefix, whose cells are
-    summary["{prefix}_N{n}"]): each config's best lr, mean ± std over seeds, a hollow point where not
-    all its lrs have run yet; a dashed line at N = d_state (d_states: label -> d_state)."""
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (there is no display on the device or in CI)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    return plt
+
+
+def save_figure(fig, experiment: str, name: str) -> None:
+    path = ROOT / "results" / experiment / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def plot_vs_pairs(experiment: str, name: str, summary: dict, series: dict[str, str], pairs: list[int],
+                  d_states: dict[str, int]) -> None:
+    """Accuracy against num_pairs, one line per series (label -> config prefix, whose cells are
+    summary["{prefix}_N{n}"]): each config's best lr, mean ± std over seeds, a hollow point where not
+    all its lrs have run yet; a dashed line at N = d_state (d_states: label -> d_state)."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     one_d_state = len(set(d_states.values())) == 1
     for label, prefix in series.items():
         done = [(n, summary[f"{prefix}_N{n}"]) for n in pairs if f"{prefix}_N{n}" in summary]
@@ -250,21 +262,17 @@ def plot_vs_pairs(summary: dict, series: dict[str, str], pairs: list[int], d_sta
     ax.set_xlim(pairs[0] / 1.3, pairs[-1] * 1.3)
     ax.set(xlabel="num_pairs", ylabel="per-query accuracy (best lr, mean ± std)", ylim=(0, 1.05))
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, experiment, name)
 
 
-def plot_bars(summary: dict, bars: dict[str, str], path: Path, expected: dict[str, tuple[float, float]] | None = None) -> None:
+def plot_bars(experiment: str, name: str, summary: dict, bars: dict[str, str],
+              expected: dict[str, tuple[float, float]] | None = None) -> None:
     """One bar per config (label -> config): its best lr's accuracy, mean ± std over seeds, hatched
     while not all its lrs have run; over it, where given, the range the seed expects (low, high)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     expected = expected or {}
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(bars)), 4))
+    fig, ax = pyplot().subplots(figsize=(max(6, 1.2 * len(bars)), 4))
     for x, config in enumerate(bars.values()):
         if s := summary.get(config):
             ax.bar(x, s["mean"], yerr=s["std"], capsize=4, color="C0", hatch="//" if s["lrs_run"] < s["lrs"] else None)
@@ -279,9 +287,7 @@ def plot_bars(summary: dict, bars: dict[str, str], path: Path, expected: dict[st
     handles = [Patch(color="C0", label="measured"), Patch(facecolor="C0", hatch="//", label="not all lrs run yet")]
     handles += [Line2D([], [], color="C3", linewidth=2, label="seed expects")] if expected else []
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, experiment, name)
 
 
 # Runs at once on one GPU. Without MPS, processes sharing a GPU take turns on it (NVIDIA, "When to
