@@ -99,25 +99,13 @@ class TrainConfig:
         return {**dataclasses.asdict(self), "out_dir": str(self.out_dir)}
 
 
-# `--task composite` starts from the paper's set-up (its appendix D), each flag still overrides:
-# AdamW (0.9, 0.999), weight decay 0.01, clip 1.0, batch 2048, lr warmed up over 10 epochs to
-# 2.5e-4 then cosine to 1e-5 at 200 epochs (146 steps an epoch at the default 300k examples).
-# Mamba-2, d_model 32 (so one 64-wide head), d_state 128, conv width 4, expand 2, 7 layers.
-COMPOSITE_EPOCH = 300_000 // 2048
-COMPOSITE_DEFAULTS = dict(
-    task="composite", batch_size=2048, lr=2.5e-4, lr_floor=1e-5 / 2.5e-4, beta2=0.999,
-    warmup_steps=10 * COMPOSITE_EPOCH, max_steps=200 * COMPOSITE_EPOCH, eval_every=5 * COMPOSITE_EPOCH,
-    log_every=COMPOSITE_EPOCH, target_acc=2.0, out_dir=Path("runs/composite"),
-    model=ModelConfig(ssm="mamba2", d_model=32, d_state=128, decoder_layers=7, dropout=0.0,
-                      hybrid="", head_dim=32))  # no attention here; these two just pass validation
-
-
 def parse_args(args: list[str] | None = None) -> TrainConfig:
-    """tyro over TrainConfig, starting from COMPOSITE_DEFAULTS when `--task composite` is given."""
+    """tyro over TrainConfig, starting from the paper's recipe (composite.TRAIN_DEFAULTS) when
+    `--task composite` is given."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task", default="mqar")
     is_composite = pre.parse_known_args(args)[0].task == "composite"
-    return tyro.cli(TrainConfig, args=args, default=TrainConfig(**COMPOSITE_DEFAULTS) if is_composite else None)
+    return tyro.cli(TrainConfig, args=args, default=TrainConfig(**composite.TRAIN_DEFAULTS) if is_composite else None)
 
 
 def build(cfg: TrainConfig, device) -> torch.nn.Module:

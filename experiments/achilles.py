@@ -6,7 +6,7 @@ ablations, and the phase diagram over depth and initialization rate, each with s
 
 Runs go in priority order (the best model, then its ablations, then the phase diagram cells,
 shallow first), so a partial slice of device time finishes whole groups. Every run is
-`train.py --task composite` with the paper's defaults (composite.py, train.py COMPOSITE_DEFAULTS)
+`train.py --task composite` with the paper's defaults (composite.py TRAIN_DEFAULTS)
 plus the flags below; --epochs shortens them all alike (say so when you report).
 """
 import sys
@@ -17,7 +17,7 @@ import tyro
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from runner import PARALLEL, load_results, mean_std, pyplot, run_grid, save_figure, write_report  # noqa: E402
-from train import COMPOSITE_EPOCH as STEPS_PER_EPOCH  # noqa: E402
+from composite import STEPS_PER_EPOCH  # noqa: E402
 
 EXPERIMENT = "achilles"
 LAYERS = [2, 3, 4, 5, 6, 7]
