@@ -444,6 +444,8 @@ def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkey
                               "m1_lr0.001_s0", "m1_lr0.002_s0"]
     assert grid["m1_lr0.002_s1"] == ["--lr", "0.002", "--seed", "1", "--max-steps", "100", "--eval-every", "250"]
     assert list(runner.mqar_grid({"m1": []}, (3e-3,), 1, 100)) == ["m1_lr0.003_s0"]  # --lrs overrides
+    assert list(runner.mqar_grid({"c": [], "m1": []}, (1e-3,), 2, 100, controls=("c",))) == [
+        "m1_lr0.001_s0", "m1_lr0.001_s1", "c_lr0.001_s0", "c_lr0.001_s1"]  # a control after every seed of the rest
 
     def put(name, flags, acc):
         path = runner.result_path("x", name)

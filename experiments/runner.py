@@ -182,14 +182,17 @@ def default_lrs(flags: list[str]) -> tuple[float, ...]:
     return LRS[flag(flags, "--ssm", ModelConfig.ssm), flag(flags, "--mode", MQARConfig.mode)]
 
 
-def mqar_grid(configs: dict[str, list[str]], lrs: tuple[float, ...], seeds: int, steps: int) -> dict:
+def mqar_grid(configs: dict[str, list[str]], lrs: tuple[float, ...], seeds: int, steps: int,
+              controls: tuple[str, ...] = ()) -> dict:
     """{config}_lr{lr}_s{seed} -> train.py flags, over `lrs` or else the config's pair (LRS).
     Every run gets the same step budget; --target-acc 0.99 ends the ones that have learned early,
     so the budget goes to those still flat. Seed-major order: a partial slice of device time
-    covers every (config, lr) once before any twice."""
-    return {f"{config}_lr{lr:g}_s{seed}": [*flags, "--lr", str(lr), "--seed", str(seed), "--max-steps", str(steps),
+    covers every (config, lr) once before any twice; `controls`, configs whose outcome is known by
+    construction, go after every seed of the others."""
+    grid = {f"{config}_lr{lr:g}_s{seed}": [*flags, "--lr", str(lr), "--seed", str(seed), "--max-steps", str(steps),
                                            "--eval-every", "250"]
             for seed in range(seeds) for config, flags in configs.items() for lr in lrs or default_lrs(flags)}
+    return dict(sorted(grid.items(), key=lambda run: split_name(run[0])[0] in controls))  # stable: seed-major kept
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -319,11 +322,12 @@ class MQARArgs:
     """only aggregate what results/ holds for this grid"""
 
 
-def run_mqar(experiment: str, configs: dict[str, list[str]], args: MQARArgs) -> dict[str, dict]:
+def run_mqar(experiment: str, configs: dict[str, list[str]], args: MQARArgs,
+             controls: tuple[str, ...] = ()) -> dict[str, dict]:
     """Run what is missing of the grid (unless --report-only), then each config's best-lr summary,
     with how many of its learning rates have a result ("lrs_run" of "lrs"): a best over part of
     the grid is not yet the protocol's number."""
-    grid = mqar_grid(configs, args.lrs, args.seeds, args.steps)
+    grid = mqar_grid(configs, args.lrs, args.seeds, args.steps, controls)
     results = (load_results(experiment, grid) if args.report_only
                else run_grid(experiment, grid, args.parallel, args.deadline_s, args.exec_flags.split()))
     summary = best_lr(list(results.values()))
