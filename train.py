@@ -309,7 +309,8 @@ def train(cfg: TrainConfig) -> dict:
                 break
             t_log = time.perf_counter()  # evaluation time is not training throughput
         if stopping and step < cfg.max_steps:
-            checkpoint(step)
+            if step % cfg.eval_every:  # else the evaluation above has just checkpointed this very step
+                checkpoint(step)
             stopped = True
             break
 

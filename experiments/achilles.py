@@ -16,8 +16,8 @@ from pathlib import Path
 import tyro
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from runner import PARALLEL, load_results, mean_std, pyplot, run_grid, save_figure, write_report  # noqa: E402
 from composite import STEPS_PER_EPOCH  # noqa: E402
+from runner import PARALLEL, load_results, mean_std, pyplot, run_grid, save_figure, write_report  # noqa: E402
 
 EXPERIMENT = "achilles"
 LAYERS = [2, 3, 4, 5, 6, 7]
