@@ -447,23 +447,24 @@ def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkey
     assert list(runner.mqar_grid({"c": [], "m1": []}, (1e-3,), 2, 100, controls=("c",))) == [
         "m1_lr0.001_s0", "m1_lr0.001_s1", "c_lr0.001_s0", "c_lr0.001_s1"]  # a control after every seed of the rest
 
-    def put(name, flags, acc):
+    def put(name, flags, acc, step=100):
         path = runner.result_path("x", name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"name": name, "flags": flags, "eval": [{"acc": acc}]}))
-    for name, acc in [("h2_lr0.00025_s0", 0.2), ("h2_lr0.00025_s1", 0.4), ("h2_lr0.0005_s0", 0.9)]:
-        put(name, grid[name], acc)
+        path.write_text(json.dumps({"name": name, "flags": flags, "eval": [{"acc": acc, "step": step}]}))
+    for name, acc, step in [("h2_lr0.00025_s0", 0.2, 100), ("h2_lr0.00025_s1", 0.4, 50), ("h2_lr0.0005_s0", 0.9, 100)]:
+        put(name, grid[name], acc, step)
     put("h2_lr0.0005_s1", runner.mqar_grid({"h2": hybrid2}, (), 2, 50)["h2_lr0.0005_s1"], 0.0)  # another budget
     done = runner.load_results("x", grid)
     assert sorted(done) == ["h2_lr0.00025_s0", "h2_lr0.00025_s1", "h2_lr0.0005_s0"]
     put("m1_lr0.002_s0", grid["m1_lr0.002_s0"], 0.5)  # the best of one lr of two: the report says so
     summary = runner.run_mqar("x", {"h2": hybrid2, "m1": []}, runner.MQARArgs(seeds=2, steps=100, report_only=True))
-    assert runner.cell(summary, "h2") == "90.0 ± 0.0 (lr 0.0005, 1 seeds)"
-    assert runner.cell(summary, "m1") == "50.0 ± 0.0 (lr 0.002, 1 seeds; 1 of 2 lrs)"
+    assert runner.cell(summary, "h2") == "90.0 ± 0.0 (lr 0.0005, 1 seeds, step 100)"
+    assert runner.cell(summary, "m1") == "50.0 ± 0.0 (lr 0.002, 1 seeds, step 100; 1 of 2 lrs)"
     assert runner.cell(summary, "p2") == "not run"
     done.pop("h2_lr0.0005_s0")
     assert runner.best_lr(list(done.values())) == {"h2": {"lr": 2.5e-4, "seeds": 2, "mean": pytest.approx(0.3),
-                                                          "std": pytest.approx(0.1 * math.sqrt(2)), "lrs_run": 1}}
+                                                          "std": pytest.approx(0.1 * math.sqrt(2)), "lrs_run": 1,
+                                                          "steps": 75}}
 
     run_dir, flags = tmp_path / "runs" / "x" / "m1_lr0.001_s0", grid["m1_lr0.001_s0"]
     assert runner.prepare(run_dir, flags) == []  # fresh

@@ -207,16 +207,19 @@ def split_name(name: str) -> tuple[str, str]:
 
 def best_lr(results: list[dict]) -> dict[str, dict]:
     """Config -> the lr whose mean accuracy over seeds is highest, that mean and std (Zoology's
-    protocol: each architecture gets its best learning rate), and how many lrs it was chosen among."""
-    by_run: dict[str, dict[str, list[float]]] = {}
+    protocol: each architecture gets its best learning rate), how many lrs it was chosen among, and
+    the mean step its runs stopped at: where every config reaches the 99% stop, how soon is what
+    tells them apart."""
+    by_run: dict[str, dict[str, list[dict]]] = {}
     for r in results:
         config, lr = split_name(r["name"])
-        by_run.setdefault(config, {}).setdefault(lr, []).append(r["eval"][0]["acc"])
+        by_run.setdefault(config, {}).setdefault(lr, []).append(r["eval"][0])
     out = {}
     for config, by_lr in by_run.items():
-        lr, accs = max(by_lr.items(), key=lambda kv: statistics.mean(kv[1]))
-        mean, std = mean_std(accs)
-        out[config] = {"lr": float(lr), "seeds": len(accs), "mean": mean, "std": std, "lrs_run": len(by_lr)}
+        lr, evals = max(by_lr.items(), key=lambda kv: statistics.mean(e["acc"] for e in kv[1]))
+        mean, std = mean_std([e["acc"] for e in evals])
+        out[config] = {"lr": float(lr), "seeds": len(evals), "mean": mean, "std": std, "lrs_run": len(by_lr),
+                       "steps": statistics.mean(e["step"] for e in evals)}
     return out
 
 
@@ -279,7 +282,7 @@ def plot_bars(experiment: str, name: str, summary: dict, bars: dict[str, str],
     for x, config in enumerate(bars.values()):
         if s := summary.get(config):
             ax.bar(x, s["mean"], yerr=s["std"], capsize=4, color="C0", hatch="//" if s["lrs_run"] < s["lrs"] else None)
-            ax.annotate(f"{100 * s['mean']:.1f}%\n{s['seeds']} seed{'s' * (s['seeds'] > 1)}",
+            ax.annotate(f"{100 * s['mean']:.1f}%\n{s['seeds']} seed{'s' * (s['seeds'] > 1)}\nstep {s['steps']:,.0f}",
                         (x, s["mean"] + s["std"]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
         if config in expected:
             low, high = expected[config]
@@ -341,4 +344,4 @@ def cell(summary: dict, config: str) -> str:
     if s is None:
         return "not run"
     partial = f"; {s['lrs_run']} of {s['lrs']} lrs" if s["lrs_run"] < s["lrs"] else ""
-    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} (lr {s['lr']:g}, {s['seeds']} seeds{partial})"
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} (lr {s['lr']:g}, {s['seeds']} seeds, step {s['steps']:,.0f}{partial})"
