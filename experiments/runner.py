@@ -289,7 +289,7 @@ def plot_bars(experiment: str, name: str, summary: dict, bars: dict[str, str],
             ax.plot([x - 0.4, x + 0.4], [(low + high) / 2] * 2, color="C3", linewidth=2)
             ax.fill_between([x - 0.4, x + 0.4], low, high, color="C3", alpha=0.3)
     ax.set_xticks(range(len(bars)), list(bars))
-    ax.set(ylabel="per-query accuracy (best lr, mean ± std)", ylim=(0, 1.15))
+    ax.set(ylabel="per-query accuracy (best lr, mean ± std)", ylim=(0, 1.25))  # room for three lines over a full bar
     handles = [Patch(color="C0", label="measured"), Patch(facecolor="C0", hatch="//", label="not all lrs run yet")]
     handles += [Line2D([], [], color="C3", linewidth=2, label="seed expects")] if expected else []
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
