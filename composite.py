@@ -161,7 +161,8 @@ def evaluate(model, tests: dict) -> dict:
 class CompositeMamba(nn.Module):
     """The paper's model: token (+ positional) embedding, `layers` pre-norm residual Mamba-2
     blocks (Mamba-1 with --ssm mamba1, as the seed built), RMSNorm, a head tied to the embedding;
-    logits of the last position only. model(tokens): tokens (B, 8) -> logits (B, 1, V)."""
+    logits of the scored last position only (the last `last`, as train.py asks every model).
+    model(tokens): tokens (B, 8) -> logits (B, 1, V)."""
 
     def __init__(self, ssm: Literal["mamba2", "mamba1"], d_model: int, d_state: int, layers: int,
                  cfg: CompositeConfig, impl: Impl = "auto"):
@@ -190,9 +191,9 @@ class CompositeMamba(nn.Module):
             elif name.endswith(".bias") and not getattr(p, "_no_reinit", False):
                 nn.init.zeros_(p)
 
-    def forward(self, tokens):  # (B, L) -> (B, 1, V)
+    def forward(self, tokens, last: int = 1):  # (B, L) -> (B, last, V)
         x = self.embed(tokens)  # (B, L, D)
         if self.pos is not None:
             x = x + self.pos.weight[:tokens.shape[1]]
-        h = self.norm(self.layers(x)[:, -1:])  # (B, 1, D)
-        return h @ self.embed.weight.T  # (B, 1, V)
+        h = self.norm(self.layers(x)[:, -last:])  # (B, last, D)
+        return h @ self.embed.weight.T  # (B, last, V)

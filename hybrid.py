@@ -285,12 +285,18 @@ class LanguageModel(nn.Module):
             if name.endswith("out_proj.weight"):
                 p.data.div_(math.sqrt(2 * n_layers))
 
-    def logits(self, h):  # (B, L, D) -> (B, L, V), output projection tied to the embedding
-        return h @ self.embed.weight.T
+    def logits(self, h, last: int | None = None):  # (B, L, D) -> (B, L, V), or (B, last, V)
+        """The output projection, tied to the embedding, on every position or on the last `last` only.
+        A task scores few positions (MQAR's decoder-only queries are the last M of 3N+2+M), and at
+        V = 8192 the head is over half a pure-Mamba model's matmul FLOPs per position (2.1M of its
+        3.7-4.0M weights) and its (B, L, V) logits the largest tensor of a training step: so training
+        and evaluation run it only where labels are (`mqar.Batch`)."""
+        return (h if last is None else h[:, -last:]) @ self.embed.weight.T
 
 
 class Seq2Seq(LanguageModel):
-    """model(src, tgt): src (B, S) pairs, tgt (B, L) queries -> logits (B, L, V)."""
+    """model(src, tgt): src (B, S) pairs, tgt (B, L) queries -> logits (B, L, V);
+    model(src, tgt, last=K) -> the last K positions' logits (B, K, V)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -298,21 +304,22 @@ class Seq2Seq(LanguageModel):
         self.decoder = Decoder(cfg)
         self.init_weights(cfg.encoder_layers + cfg.decoder_layers)
 
-    def forward(self, src, tgt):
+    def forward(self, src, tgt, last: int | None = None):
         memory = self.encoder(self.dropout(self.embed(src)))  # (B, S, D)
-        return self.logits(self.decoder(self.dropout(self.embed(tgt)), memory))  # (B, L, V)
+        return self.logits(self.decoder(self.dropout(self.embed(tgt)), memory), last)  # (B, L or last, V)
 
 
 class MambaLM(LanguageModel):
-    """model(tokens): tokens (B, L) -> logits (B, L, V); causal, pure Mamba."""
+    """model(tokens): tokens (B, L) -> logits (B, L, V); causal, pure Mamba.
+    model(tokens, last=K) -> the last K positions' logits (B, K, V)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.decoder = Decoder(dataclasses.replace(cfg, hybrid=""))
         self.init_weights(cfg.decoder_layers)
 
-    def forward(self, tokens):
-        return self.logits(self.decoder(self.dropout(self.embed(tokens))))
+    def forward(self, tokens, last: int | None = None):
+        return self.logits(self.decoder(self.dropout(self.embed(tokens))), last)  # (B, L or last, V)
 
 
 def build_model(cfg: ModelConfig, mode: Literal["seq2seq", "decoder_only"] = "seq2seq",

@@ -89,7 +89,7 @@ def check_num_pairs(num_pairs: int) -> None:
 
 class Batch(NamedTuple):
     inputs: tuple  # what the model is called with: (src, tgt) for seq2seq, (tokens,) for decoder_only
-    labels: torch.Tensor  # (B, L_out) value token at query positions, IGNORE elsewhere
+    labels: torch.Tensor  # (B, K) targets of the model's last K positions (`last=K`): values at queries, IGNORE elsewhere
 
 
 def batch_seed(split: int, seed: int, step: int, rank: int) -> int:
@@ -121,8 +121,7 @@ def make_batch(cfg: MQARConfig, batch_size: int, split: int, seed: int, step: in
         labels = torch.cat([torch.full_like(bos, IGNORE), q_values], dim=1)  # (B, M+1)
         return Batch((src, tgt), labels)
     tokens = torch.cat([src, q_keys], dim=1)  # (B, 3N+2+M)
-    labels = torch.cat([torch.full_like(src, IGNORE), q_values], dim=1)  # (B, 3N+2+M)
-    return Batch((tokens,), labels)
+    return Batch((tokens,), q_values)  # labels of the last M positions only: the context is not scored
 
 
 EVAL_BATCH = 256  # fixed, so the test set is the same whatever the training batch size
@@ -143,8 +142,8 @@ def evaluate(model, cfg: MQARConfig, batches: int, device, rank: int = 0, world:
     for i in range(rank, batches, world):
         src = make_batch(cfg, EVAL_BATCH, TEST, seed=0, step=i)
         batch = Batch(tuple(x.to(device) for x in src.inputs), src.labels.to(device))
-        asked = batch.labels != IGNORE  # (B, L)
-        hit = (model(*batch.inputs).argmax(-1) == batch.labels) | ~asked  # (B, L)
+        asked = batch.labels != IGNORE  # (B, K)
+        hit = (model(*batch.inputs, last=batch.labels.shape[1]).argmax(-1) == batch.labels) | ~asked  # (B, K)
         counts += torch.stack([(hit & asked).sum(), asked.sum(), hit.all(dim=1).sum(),
                                torch.tensor(len(hit), device=device)]).float()
     if world > 1:

@@ -117,6 +117,20 @@ def test_decoder_only_model_is_causal(cfg):
     model = MambaLM(cfg).eval()
     assert_causal(model, torch.randint(KEY_LO, KEY_HI, (2, 30)), t=17)
 
+def test_the_head_on_the_labelled_positions_scores_as_on_all():
+    """Training and evaluation run the head only where labels are (`last=K`): the same logits there,
+    so the same loss, as the full (B, L, V) pass; the decoder-only batch labels its last M positions."""
+    torch.manual_seed(0)
+    cfg = MQARConfig(num_pairs=6, num_queries=4, mode="decoder_only")
+    (tokens,), labels = make_batch(cfg, 3, TRAIN, 0, 0)
+    model = MambaLM(SMALL).eval()
+    assert labels.shape == (3, 4) and tokens.shape == (3, 3 * 6 + 2 + 4)
+    torch.testing.assert_close(model(tokens, last=4), model(tokens)[:, -4:])  # to rounding: BLAS blocks by shape
+    src, tgt = make_batch(dataclasses.replace(cfg, mode="seq2seq"), 3, TRAIN, 0, 0).inputs
+    seq2seq = Seq2Seq(SMALL).eval()
+    torch.testing.assert_close(seq2seq(src, tgt, last=2), seq2seq(src, tgt)[:, -2:])
+
+
 
 def test_encoder_is_bidirectional():
     torch.manual_seed(0)
@@ -589,11 +603,25 @@ def test_experiment_reports_rebuild_tables_and_plots_from_partial_results(tmp_pa
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
         table = (out / "table.md").read_text()
         assert "50.0 ± 0.0" in table and "not run" in table, table
-    assert "incomplete (6 of 7)" in (tmp_path / "results" / "d_state_scaling" / "table.md").read_text()
+    d_state_table = (tmp_path / "results" / "d_state_scaling" / "table.md").read_text()
+    assert "incomplete (6 of 7)" in d_state_table and "incomplete (8 of 9)" in d_state_table  # d_state 16, 128
     achilles.main(achilles.Args(report_only=True))
     assert (tmp_path / "results" / "achilles" / "phase.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 7 layers, gamma 1.0 | 1 | [200] | 50.0 ± 0.0 | 25.0 ± 0.0 | 0.0 ± 0.0 |" in (
         tmp_path / "results" / "achilles" / "table.md").read_text()
+
+
+def test_d_state_capacity_is_the_last_n_at_half_and_only_a_bound_at_the_grids_end():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import d_state_scaling as ds
+    assert ds.pairs(16) == ds.pairs(32) == [8, 16, 32, 64, 128, 256, 512] and ds.pairs(128)[-1] == 2048
+
+    def capacity(d, accs):
+        return ds.capacity({f"d{d}_N{n}": {"mean": a} for n, a in zip(ds.pairs(d), accs)}, d)
+    assert capacity(16, [1, 1, 1, 0.97, 0.58, 0.29, 0.08]) == "128"
+    assert capacity(64, [1] * 7 + [0.87]) == ">= 1024 (the grid's end)"
+    assert capacity(32, [0.4] * 7) == "< 8"
+    assert capacity(128, [1, 1, 1]) == "incomplete (3 of 9)"
 
 
 def test_d_state_scaling_reads_the_cliffs_runs_only_for_identical_flags():

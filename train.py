@@ -140,7 +140,7 @@ def train_step(model, optimizer, batch, autocast, grad_clip: float):
     """One optimizer step: forward under autocast, fp32 loss, backward, clip, AdamW. Returns the
     loss and logits as device tensors (reading them is the caller's host sync, not ours)."""
     with autocast:
-        logits = model(*batch.inputs)  # (B, L, V)
+        logits = model(*batch.inputs, last=batch.labels.shape[1])  # (B, K, V): the labelled positions
     loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
