@@ -40,13 +40,13 @@ class BenchConfig:
     """the GPU's dense BF16 peak for MFU (H100 SXM: 989; H200 is the same chip)"""
 
 
-def step_flops(model, tokens: int, decoder_tokens: int) -> float:
+def step_flops(model, tokens: int, labelled: int) -> float:
     """6 x parameters x tokens for forward + backward (Kaplan et al. 2020), where the tied embedding
-    counts only as the output head, applied at decoder positions. Attention scores and the scan are
-    left out, so this undercounts a little."""
+    counts only as the output head, applied at the labelled positions (train_step runs it there only).
+    Attention scores and the scan are left out, so this undercounts a little."""
     n = sum(p.numel() for p in model.parameters())
     V, D = model.embed.weight.shape
-    return 6 * (n - V * D) * tokens + 6 * V * D * decoder_tokens
+    return 6 * (n - V * D) * tokens + 6 * V * D * labelled
 
 
 def bench_path(cfg: TrainConfig, impl: str, compile: bool, warmup: int, steps: int) -> dict:
@@ -71,10 +71,10 @@ def bench_path(cfg: TrainConfig, impl: str, compile: bool, warmup: int, steps: i
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-    inputs = batch(0).inputs
+    inputs, labels = batch(0)
     tokens = cfg.batch_size * sum(x.shape[1] for x in inputs)
     ms = statistics.median(times)
-    return {"ms": ms, "tokens": tokens, "flops": step_flops(raw, tokens, cfg.batch_size * inputs[-1].shape[1]),
+    return {"ms": ms, "tokens": tokens, "flops": step_flops(raw, tokens, labels.numel()),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
