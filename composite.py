@@ -161,8 +161,8 @@ def evaluate(model, tests: dict) -> dict:
 class CompositeMamba(nn.Module):
     """The paper's model: token (+ positional) embedding, `layers` pre-norm residual Mamba-2
     blocks (Mamba-1 with --ssm mamba1, as the seed built), RMSNorm, a head tied to the embedding;
-    logits of the scored last position only (the last `last`, as train.py asks every model).
-    model(tokens): tokens (B, 8) -> logits (B, 1, V)."""
+    logits of the last position only, the one scored (train.py passes every model `last`, the
+    labelled positions: here 1). model(tokens): tokens (B, 8) -> logits (B, 1, V)."""
 
     def __init__(self, ssm: Literal["mamba2", "mamba1"], d_model: int, d_state: int, layers: int,
                  cfg: CompositeConfig, impl: Impl = "auto"):

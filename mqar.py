@@ -89,7 +89,7 @@ def check_num_pairs(num_pairs: int) -> None:
 
 class Batch(NamedTuple):
     inputs: tuple  # what the model is called with: (src, tgt) for seq2seq, (tokens,) for decoder_only
-    labels: torch.Tensor  # (B, K) targets of the model's last K positions (`last=K`): values at queries, IGNORE elsewhere
+    labels: torch.Tensor  # (B, K) targets of the model's last K positions (model(..., last=K)): IGNORE where unscored
 
 
 def batch_seed(split: int, seed: int, step: int, rank: int) -> int:

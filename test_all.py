@@ -117,6 +117,7 @@ def test_decoder_only_model_is_causal(cfg):
     model = MambaLM(cfg).eval()
     assert_causal(model, torch.randint(KEY_LO, KEY_HI, (2, 30)), t=17)
 
+
 def test_the_head_on_the_labelled_positions_scores_as_on_all():
     """Training and evaluation run the head only where labels are (`last=K`): the same logits there,
     so the same loss, as the full (B, L, V) pass; the decoder-only batch labels its last M positions."""
@@ -129,7 +130,6 @@ def test_the_head_on_the_labelled_positions_scores_as_on_all():
     src, tgt = make_batch(dataclasses.replace(cfg, mode="seq2seq"), 3, TRAIN, 0, 0).inputs
     seq2seq = Seq2Seq(SMALL).eval()
     torch.testing.assert_close(seq2seq(src, tgt, last=2), seq2seq(src, tgt)[:, -2:])
-
 
 
 def test_encoder_is_bidirectional():

@@ -1,6 +1,6 @@
 """d_state scaling [seed 04_d_state_scaling]: pure Mamba-2 (decoder_only) at d_state 16-128 across
-num_pairs (8 to 512, and on to 16 x d_state: `pairs`). Capacity is the largest num_pairs with accuracy still >= 50%; the question is whether it
-grows as O(d_state).
+num_pairs (8 to 512, and on to 16 x d_state: `pairs`). Capacity is the largest num_pairs with
+accuracy still >= 50%; the question is whether it grows as O(d_state).
 
     python experiments/d_state_scaling.py --deadline-s 540                  # on the GPU, resumable
     python experiments/d_state_scaling.py --report-only
