@@ -616,12 +616,14 @@ def test_d_state_capacity_is_the_last_n_at_half_and_only_a_bound_at_the_grids_en
     import d_state_scaling as ds
     assert ds.pairs(16) == ds.pairs(32) == [8, 16, 32, 64, 128, 256, 512] and ds.pairs(128)[-1] == 2048
 
-    def capacity(d, accs):
-        return ds.capacity({f"d{d}_N{n}": {"mean": a} for n, a in zip(ds.pairs(d), accs)}, d)
+    def capacity(d, accs, lrs_run=2):
+        return ds.capacity({f"d{d}_N{n}": {"mean": a, "lrs": 2, "lrs_run": lrs_run if n == ds.pairs(d)[-1] else 2}
+                            for n, a in zip(ds.pairs(d), accs)}, d)
     assert capacity(16, [1, 1, 1, 0.97, 0.58, 0.29, 0.08]) == "128"
     assert capacity(64, [1] * 7 + [0.87]) == ">= 1024 (the grid's end)"
     assert capacity(32, [0.4] * 7) == "< 8"
     assert capacity(128, [1, 1, 1]) == "incomplete (3 of 9)"
+    assert capacity(128, [1] * 7 + [0.67, 0.04], lrs_run=1) == "incomplete (8 of 9)"  # the last cell: 1 lr of 2
 
 
 def test_d_state_scaling_reads_the_cliffs_runs_only_for_identical_flags():

@@ -38,11 +38,14 @@ def flags(d_state: int, num_pairs: int) -> list[str]:
 
 
 def capacity(summary: dict, d: int) -> str:
+    """The last N at >= 50%, once every cell of the row has all its learning rates: a cell's best over
+    part of the grid may still rise past 50% (d_state 128 at 2,048 pairs had one rate of two)."""
     grid = pairs(d)
-    done = [n for n in grid if f"d{d}_N{n}" in summary]
+    cells = {n: summary.get(f"d{d}_N{n}") for n in grid}
+    done = [n for n, s in cells.items() if s and s["lrs_run"] == s["lrs"]]
     if len(done) < len(grid):
         return f"incomplete ({len(done)} of {len(grid)})"
-    above = [n for n in grid if summary[f"d{d}_N{n}"]["mean"] >= 0.5]
+    above = [n for n in grid if cells[n]["mean"] >= 0.5]
     if not above:
         return f"< {grid[0]}"
     return f">= {grid[-1]} (the grid's end)" if above[-1] == grid[-1] else str(above[-1])
