@@ -16,7 +16,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import capacity_cliff  # noqa: E402
-from runner import MQARArgs, cell, plot_vs_pairs, run_mqar, write_report  # noqa: E402
+from runner import MQARArgs, cell, lrs_missing, plot_vs_pairs, run_mqar, write_report  # noqa: E402
 
 EXPERIMENT = "d_state_scaling"
 D_STATES = [16, 32, 64, 128]
@@ -42,7 +42,7 @@ def capacity(summary: dict, d: int) -> str:
     part of the grid may still rise past 50% (d_state 128 at 2,048 pairs had one rate of two)."""
     grid = pairs(d)
     cells = {n: summary.get(f"d{d}_N{n}") for n in grid}
-    done = [n for n, s in cells.items() if s and s["lrs_run"] == s["lrs"]]
+    done = [n for n, s in cells.items() if s and not lrs_missing(s)]
     if len(done) < len(grid):
         return f"incomplete ({len(done)} of {len(grid)})"
     above = [n for n in grid if cells[n]["mean"] >= 0.5]

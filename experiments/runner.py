@@ -205,6 +205,12 @@ def split_name(name: str) -> tuple[str, str]:
     return config, lr
 
 
+def lrs_missing(s: dict) -> bool:
+    """Is a config's summary (best_lr's) a best over part of its learning rates? Then it is not yet
+    the protocol's number: tables mark it, plots draw it hollow, capacities wait for it."""
+    return s["lrs_run"] < s["lrs"]
+
+
 def best_lr(results: list[dict]) -> dict[str, dict]:
     """Config -> the lr whose mean accuracy over seeds is highest, that mean and std (Zoology's
     protocol: each architecture gets its best learning rate), how many lrs it was chosen among, and
@@ -258,7 +264,7 @@ def plot_vs_pairs(experiment: str, name: str, summary: dict, series: dict[str, s
         done = [(n, summary[f"{prefix}_N{n}"]) for n in pairs if f"{prefix}_N{n}" in summary]
         line, *_ = ax.errorbar([n for n, _ in done], [s["mean"] for _, s in done], [s["std"] for _, s in done],
                                marker="o", capsize=3, label=label)
-        partial = [(n, s["mean"]) for n, s in done if s["lrs_run"] < s["lrs"]]
+        partial = [(n, s["mean"]) for n, s in done if lrs_missing(s)]
         ax.plot([n for n, _ in partial], [a for _, a in partial], "o", color=line.get_color(), markerfacecolor="white", zorder=3)
         ax.axvline(d_states[label], linestyle="--", linewidth=0.8, color="gray" if one_d_state else line.get_color())
     ax.plot([], [], "o", color="gray", markerfacecolor="white", label="not all lrs run yet")
@@ -281,7 +287,7 @@ def plot_bars(experiment: str, name: str, summary: dict, bars: dict[str, str],
     fig, ax = pyplot().subplots(figsize=(max(6, 1.2 * len(bars)), 4))
     for x, config in enumerate(bars.values()):
         if s := summary.get(config):
-            ax.bar(x, s["mean"], yerr=s["std"], capsize=4, color="C0", hatch="//" if s["lrs_run"] < s["lrs"] else None)
+            ax.bar(x, s["mean"], yerr=s["std"], capsize=4, color="C0", hatch="//" if lrs_missing(s) else None)
             ax.annotate(f"{100 * s['mean']:.1f}%\n{s['seeds']} seed{'s' * (s['seeds'] > 1)}\nstep {s['steps']:,.0f}",
                         (x, s["mean"] + s["std"]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
         if config in expected:
@@ -343,5 +349,5 @@ def cell(summary: dict, config: str) -> str:
     s = summary.get(config)
     if s is None:
         return "not run"
-    partial = f"; {s['lrs_run']} of {s['lrs']} lrs" if s["lrs_run"] < s["lrs"] else ""
+    partial = f"; {s['lrs_run']} of {s['lrs']} lrs" if lrs_missing(s) else ""
     return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} (lr {s['lr']:g}, {s['seeds']} seeds, step {s['steps']:,.0f}{partial})"
