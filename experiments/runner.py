@@ -260,14 +260,17 @@ def plot_vs_pairs(experiment: str, name: str, summary: dict, series: dict[str, s
     all its lrs have run yet; a dashed line at N = d_state (d_states: label -> d_state)."""
     fig, ax = pyplot().subplots(figsize=(6, 4))
     one_d_state = len(set(d_states.values())) == 1
+    any_partial = False
     for label, prefix in series.items():
         done = [(n, summary[f"{prefix}_N{n}"]) for n in pairs if f"{prefix}_N{n}" in summary]
         line, *_ = ax.errorbar([n for n, _ in done], [s["mean"] for _, s in done], [s["std"] for _, s in done],
                                marker="o", capsize=3, label=label)
         partial = [(n, s["mean"]) for n, s in done if lrs_missing(s)]
         ax.plot([n for n, _ in partial], [a for _, a in partial], "o", color=line.get_color(), markerfacecolor="white", zorder=3)
+        any_partial |= bool(partial)
         ax.axvline(d_states[label], linestyle="--", linewidth=0.8, color="gray" if one_d_state else line.get_color())
-    ax.plot([], [], "o", color="gray", markerfacecolor="white", label="not all lrs run yet")
+    if any_partial:  # the legend names only what the plot shows
+        ax.plot([], [], "o", color="gray", markerfacecolor="white", label="not all lrs run yet")
     ax.plot([], [], "--", color="gray", linewidth=0.8, label="N = d_state")
     ax.set_xscale("log", base=2)
     ax.set_xticks(pairs, [str(n) for n in pairs])  # the whole grid, so a missing point shows as missing
@@ -296,7 +299,9 @@ def plot_bars(experiment: str, name: str, summary: dict, bars: dict[str, str],
             ax.fill_between([x - 0.4, x + 0.4], low, high, color="C3", alpha=0.3)
     ax.set_xticks(range(len(bars)), list(bars))
     ax.set(ylabel="per-query accuracy (best lr, mean ± std)", ylim=(0, 1.25))  # room for three lines over a full bar
-    handles = [Patch(color="C0", label="measured"), Patch(facecolor="C0", hatch="//", label="not all lrs run yet")]
+    handles = [Patch(color="C0", label="measured")]
+    if any(lrs_missing(summary[c]) for c in bars.values() if c in summary):
+        handles.append(Patch(facecolor="C0", hatch="//", label="not all lrs run yet"))
     handles += [Line2D([], [], color="C3", linewidth=2, label="seed expects")] if expected else []
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     save_figure(fig, experiment, name)
