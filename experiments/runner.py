@@ -288,9 +288,12 @@ def plot_bars(experiment: str, name: str, summary: dict, bars: dict[str, str],
     from matplotlib.patches import Patch
     expected = expected or {}
     fig, ax = pyplot().subplots(figsize=(max(6, 1.2 * len(bars)), 4))
+    any_partial = False
     for x, config in enumerate(bars.values()):
         if s := summary.get(config):
-            ax.bar(x, s["mean"], yerr=s["std"], capsize=4, color="C0", hatch="//" if lrs_missing(s) else None)
+            partial = lrs_missing(s)
+            any_partial |= partial
+            ax.bar(x, s["mean"], yerr=s["std"], capsize=4, color="C0", hatch="//" if partial else None)
             ax.annotate(f"{100 * s['mean']:.1f}%\n{s['seeds']} seed{'s' * (s['seeds'] > 1)}\nstep {s['steps']:,.0f}",
                         (x, s["mean"] + s["std"]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
         if config in expected:
@@ -299,9 +302,8 @@ def plot_bars(experiment: str, name: str, summary: dict, bars: dict[str, str],
             ax.fill_between([x - 0.4, x + 0.4], low, high, color="C3", alpha=0.3)
     ax.set_xticks(range(len(bars)), list(bars))
     ax.set(ylabel="per-query accuracy (best lr, mean ± std)", ylim=(0, 1.25))  # room for three lines over a full bar
-    handles = [Patch(color="C0", label="measured")]
-    if any(lrs_missing(summary[c]) for c in bars.values() if c in summary):
-        handles.append(Patch(facecolor="C0", hatch="//", label="not all lrs run yet"))
+    handles = [Patch(color="C0", label="measured")]  # the legend names only what the plot shows
+    handles += [Patch(facecolor="C0", hatch="//", label="not all lrs run yet")] if any_partial else []
     handles += [Line2D([], [], color="C3", linewidth=2, label="seed expects")] if expected else []
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     save_figure(fig, experiment, name)
