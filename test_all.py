@@ -481,16 +481,29 @@ def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkey
                                                           "steps": 75}}
 
     run_dir, flags = tmp_path / "runs" / "x" / "m1_lr0.001_s0", grid["m1_lr0.001_s0"]
-    assert runner.prepare(run_dir, flags) == []  # fresh
+    assert runner.prepare("x", "m1_lr0.001_s0", flags) == []  # fresh
     (run_dir / "ckpt.pt").write_text("a checkpoint")
     (run_dir / "log.jsonl").write_text("a log line\n")
-    assert runner.prepare(run_dir, flags) == ["--resume"]  # same flags: continue
-    assert runner.prepare(run_dir, grid["m1_lr0.002_s0"]) == []  # other flags: start over, in an empty dir
+    assert runner.prepare("x", "m1_lr0.001_s0", flags) == ["--resume"]  # same flags: continue
+    assert runner.prepare("x", "m1_lr0.001_s0", grid["m1_lr0.002_s0"]) == []  # other flags: start over, in an empty dir
     assert sorted(p.name for p in run_dir.iterdir()) == ["flags.json"]
+
+    # A checkpoint committed under results/x/partial/ (a fresh machine has no runs/) is resumed from a
+    # copy, unless runs/ holds the run's own, which a call on this machine may have taken further.
+    partial = tmp_path / "results" / "x" / "partial" / "m1_lr0.001_s0"
+    partial.mkdir(parents=True)
+    for file, text in [("flags.json", json.dumps(flags)), ("ckpt.pt", "epoch 5"), ("log.jsonl", "5\n")]:
+        (partial / file).write_text(text)
+    assert runner.prepare("x", "m1_lr0.001_s0", flags) == ["--resume"]
+    assert (run_dir / "ckpt.pt").read_text() == "epoch 5" and (run_dir / "log.jsonl").read_text() == "5\n"
+    (run_dir / "ckpt.pt").write_text("epoch 9")
+    assert runner.prepare("x", "m1_lr0.001_s0", flags) == ["--resume"]
+    assert (run_dir / "ckpt.pt").read_text() == "epoch 9"
+    assert runner.prepare("x", "m1_lr0.001_s0", grid["m1_lr0.002_s0"]) == []  # not for other flags
 
     # Trained and scored in an earlier call whose result file is gone: written again, not trained on.
     run_dir, flags = tmp_path / "runs" / "x" / "m1_lr0.002_s0", grid["m1_lr0.002_s0"]
-    runner.prepare(run_dir, flags)
+    runner.prepare("x", "m1_lr0.002_s0", flags)
     (run_dir / "log.jsonl").write_text(json.dumps({"step": 400, "acc": 0.995}) + "\n")
     (run_dir / "eval.json").write_text(json.dumps([{"acc": 0.99}]))
     put("m1_lr0.002_s0", ["--another", "budget"], 0.1)  # a stale result file in its place does not count

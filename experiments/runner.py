@@ -2,8 +2,9 @@
 
 Every experiment script hands `run_grid` a dict {run name: train.py flags}. A run whose result
 file holds the same flags is skipped; a run with a checkpoint but no result continues with
---resume if it was started with the same flags; the rest start fresh. A few runs share each GPU
-at once (PARALLEL says why not more), spread over every GPU the runner sees. When --deadline-s is
+--resume if it was started with the same flags (its checkpoint in runs/, or one committed under
+results/<experiment>/partial/<run>/); the rest start fresh. A few runs share each GPU at once
+(PARALLEL says why not more), spread over every GPU the runner sees. When --deadline-s is
 near, running jobs are stopped with SIGTERM (train.py checkpoints at its next log line and exits)
 so that a 30-minute device slice ends cleanly; the next call picks up where this one stopped.
 
@@ -79,10 +80,20 @@ def stamped(run_dir: Path, flags: list[str]) -> bool:
     return stamp.exists() and json.loads(stamp.read_text()) == flags
 
 
-def prepare(run_dir: Path, flags: list[str]) -> list[str]:
-    """["--resume"] if run_dir holds a checkpoint started with these very flags; else an emptied run_dir
-    (train.py checks that a resumed run has the same model, not the same budget or learning rate)."""
-    if (run_dir / "ckpt.pt").exists() and stamped(run_dir, flags):
+def prepare(experiment: str, name: str, flags: list[str]) -> list[str]:
+    """["--resume"] if the run has a checkpoint started with these very flags; else an emptied run dir
+    (train.py checks that a resumed run has the same model, not the same budget or learning rate).
+    The checkpoint is the run's own in runs/, else one committed under results/<experiment>/partial/,
+    copied into runs/ first: a fresh checkout, or a fresh device machine, has no runs/ (git-ignored)."""
+    run_dir, partial = run_path(experiment, name), ROOT / "results" / experiment / "partial" / name
+
+    def resumable(d: Path) -> bool:
+        return (d / "ckpt.pt").exists() and stamped(d, flags)
+
+    if not resumable(run_dir) and resumable(partial):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(partial, run_dir)
+    if resumable(run_dir):
         return ["--resume"]
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -128,7 +139,7 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
         while todo and len(running) < parallel * len(gpus) and not late and (warm or not running):
             name = todo.pop(0)
             run_dir = run_path(experiment, name)
-            resume = prepare(run_dir, grid[name])
+            resume = prepare(experiment, name, grid[name])
             cmd = [sys.executable, "train.py", *grid[name], *exec_flags, "--out-dir", str(run_dir), *resume]
             log = open(run_dir / "train.log", "a")
             gpu = min(gpus, key=lambda g: sum(g == run[3] for run in running.values()))
