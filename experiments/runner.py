@@ -9,7 +9,8 @@ near, running jobs are stopped with SIGTERM (train.py checkpoints at its next lo
 so that a 30-minute device slice ends cleanly; the next call picks up where this one stopped.
 
 Layout: runs/<experiment>/<run>/{flags.json,ckpt.pt,log.jsonl,train.log}, results/<experiment>/runs/<run>.json
-(the run's flags, its log and eval.py's scores), aggregated by the experiment script.
+(the run's flags, its log and eval.py's scores), aggregated by the experiment script, and
+results/<experiment>/partial/<run>/ (an unfinished run's folder, committed).
 """
 import json
 import os
@@ -33,6 +34,11 @@ def result_path(experiment: str, name: str) -> Path:
 
 def run_path(experiment: str, name: str) -> Path:
     return ROOT / "runs" / experiment / name
+
+
+def partial_path(experiment: str, name: str) -> Path:
+    """An unfinished run's folder committed to git (small checkpoints only), for a machine without runs/."""
+    return ROOT / "results" / experiment / "partial" / name
 
 
 def write_result(experiment: str, name: str, flags: list[str], exec_flags: list[str], run_dir: Path) -> dict:
@@ -85,7 +91,7 @@ def prepare(experiment: str, name: str, flags: list[str]) -> list[str]:
     (train.py checks that a resumed run has the same model, not the same budget or learning rate).
     The checkpoint is the run's own in runs/, else one committed under results/<experiment>/partial/,
     copied into runs/ first: a fresh checkout, or a fresh device machine, has no runs/ (git-ignored)."""
-    run_dir, partial = run_path(experiment, name), ROOT / "results" / experiment / "partial" / name
+    run_dir, partial = run_path(experiment, name), partial_path(experiment, name)
 
     def resumable(d: Path) -> bool:
         return (d / "ckpt.pt").exists() and stamped(d, flags)
