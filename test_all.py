@@ -479,6 +479,12 @@ def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkey
     assert runner.best_lr(list(done.values())) == {"h2": {"lr": 2.5e-4, "seeds": 2, "mean": pytest.approx(0.3),
                                                           "std": pytest.approx(0.1 * math.sqrt(2)), "lrs_run": 1,
                                                           "steps": 75}}
+    # Rates are compared on the seeds both have run: 2.5e-4 beat 5e-4 on seed 0, and 5e-4 has no seed 1
+    # yet to set against 2.5e-4's bad one. The chosen rate's mean is over all its seeds.
+    uneven = [{"name": n, "eval": [{"acc": a, "step": 100}]}
+              for n, a in [("h2_lr0.00025_s0", 0.9), ("h2_lr0.00025_s1", 0.1), ("h2_lr0.0005_s0", 0.6)]]
+    assert runner.best_lr(uneven)["h2"] == {"lr": 2.5e-4, "seeds": 2, "mean": pytest.approx(0.5),
+                                            "std": pytest.approx(0.4 * math.sqrt(2)), "lrs_run": 2, "steps": 100}
 
     run_dir, flags = tmp_path / "runs" / "x" / "m1_lr0.001_s0", grid["m1_lr0.001_s0"]
     assert runner.prepare("x", "m1_lr0.001_s0", flags) == []  # fresh

@@ -232,14 +232,22 @@ def best_lr(results: list[dict]) -> dict[str, dict]:
     """Config -> the lr whose mean accuracy over seeds is highest, that mean and std (Zoology's
     protocol: each architecture gets its best learning rate), how many lrs it was chosen among, and
     the mean step its runs stopped at: where every config reaches the 99% stop, how soon is what
-    tells them apart."""
-    by_run: dict[str, dict[str, list[dict]]] = {}
+    tells them apart.
+
+    The rates are compared on the seeds all of them have run: part-way through a seed-major grid one
+    lr can hold a seed more than another, and means over different seeds are not comparable (one bad
+    seed would hand the choice to a rate that has not run it yet). The chosen lr's mean is over all
+    its seeds."""
+    by_run: dict[str, dict[str, dict[str, dict]]] = {}  # config -> lr -> seed -> eval
     for r in results:
         config, lr = split_name(r["name"])
-        by_run.setdefault(config, {}).setdefault(lr, []).append(r["eval"][0])
+        by_run.setdefault(config, {}).setdefault(lr, {})[r["name"].rsplit("_s", 1)[1]] = r["eval"][0]
     out = {}
     for config, by_lr in by_run.items():
-        lr, evals = max(by_lr.items(), key=lambda kv: statistics.mean(e["acc"] for e in kv[1]))
+        seeds = [set(by_seed) for by_seed in by_lr.values()]
+        shared = set.intersection(*seeds) or set.union(*seeds)  # no seed in common: compare over all
+        lr = max(by_lr, key=lambda lr: statistics.mean(e["acc"] for seed, e in by_lr[lr].items() if seed in shared))
+        evals = list(by_lr[lr].values())
         mean, std = mean_std([e["acc"] for e in evals])
         out[config] = {"lr": float(lr), "seeds": len(evals), "mean": mean, "std": std, "lrs_run": len(by_lr),
                        "steps": statistics.mean(e["step"] for e in evals)}
