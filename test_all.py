@@ -331,10 +331,12 @@ def tiny_run(tmp_path, **overrides) -> TrainConfig:
 
 @pytest.mark.parametrize("decoder", ["hybrid", "polar"])
 def test_tiny_model_learns_mqar(tmp_path, decoder):
-    """Two pairs, both asked: copying either value of the context scores 50%, so beating it by a
-    margin needs the key match."""
-    result = train(tiny_run(tmp_path, model=dataclasses.replace(tiny_run(tmp_path).model, decoder=decoder)))
-    assert result["acc"] >= 0.65, result
+    """Two pairs, both asked: copying either value of the context scores 50%, so 80% needs the key
+    match. Both decoders pass 80% by step 250 of the 400 (88-92% at step 400 on CPU); --target-acc ends
+    the run there."""
+    model = dataclasses.replace(tiny_run(tmp_path).model, decoder=decoder)
+    result = train(tiny_run(tmp_path, model=model, eval_every=50, target_acc=0.8))
+    assert result["acc"] >= 0.8, result
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["acc"] == result["acc"]
 
