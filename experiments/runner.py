@@ -216,10 +216,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def split_name(name: str) -> tuple[str, str]:
-    """{config}_lr{lr}_s{seed} (mqar_grid's run names) -> (config, lr)."""
-    config, lr = name.rsplit("_s", 1)[0].rsplit("_lr", 1)
-    return config, lr
+def split_name(name: str) -> tuple[str, str, str]:
+    """{config}_lr{lr}_s{seed} (mqar_grid's run names) -> (config, lr, seed)."""
+    run, seed = name.rsplit("_s", 1)
+    config, lr = run.rsplit("_lr", 1)
+    return config, lr, seed
 
 
 def lrs_missing(s: dict) -> bool:
@@ -240,8 +241,8 @@ def best_lr(results: list[dict]) -> dict[str, dict]:
     its seeds."""
     by_run: dict[str, dict[str, dict[str, dict]]] = {}  # config -> lr -> seed -> eval
     for r in results:
-        config, lr = split_name(r["name"])
-        by_run.setdefault(config, {}).setdefault(lr, {})[r["name"].rsplit("_s", 1)[1]] = r["eval"][0]
+        config, lr, seed = split_name(r["name"])
+        by_run.setdefault(config, {}).setdefault(lr, {})[seed] = r["eval"][0]
     out = {}
     for config, by_lr in by_run.items():
         seeds = [set(by_seed) for by_seed in by_lr.values()]
