@@ -167,7 +167,7 @@ def run_grid(experiment: str, grid: dict[str, list[str]], parallel: int, deadlin
             log.close()
             if proc.returncode == 0:
                 write_result(experiment, name, grid[name], exec_flags, run_dir)
-                print(f"  done  {name} ({time.monotonic() - start:.0f} s)", flush=True)
+                print(f"  done  {name} ({time.monotonic() - start:.0f} s into this call)", flush=True)
             else:  # stopped at the deadline (resumes next time), or failed: see its train.log
                 print(f"  stopped {name} (exit {proc.returncode}, {run_dir / 'train.log'})", flush=True)
         if late and not running:
