@@ -628,8 +628,10 @@ def test_experiment_reports_rebuild_tables_and_plots_from_partial_results(tmp_pa
     assert "incomplete (6 of 7)" in d_state_table and "incomplete (8 of 9)" in d_state_table  # d_state 16, 128
     achilles.main(achilles.Args(report_only=True))
     assert (tmp_path / "results" / "achilles" / "phase.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| 7 layers, gamma 1.0 | 1 | [200] | 50.0 ± 0.0 | 25.0 ± 0.0 | 0.0 ± 0.0 |" in (
-        tmp_path / "results" / "achilles" / "table.md").read_text()
+    achilles_table = (tmp_path / "results" / "achilles" / "table.md").read_text()
+    assert "| 7 layers, gamma 1.0 | 1 | [200] | 50.0 ± 0.0 | 25.0 ± 0.0 | 0.0 ± 0.0 |" in achilles_table
+    assert "seed 0, 72 of 72 cells" in achilles_table and "seed 1" not in achilles_table
+    assert "| 2 | composite | " + " | ".join(["25.0"] * 12) + " |" in achilles_table
 
 
 def test_d_state_capacity_is_the_last_n_at_half_and_only_a_bound_at_the_grids_end():

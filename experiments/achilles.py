@@ -89,6 +89,24 @@ def report(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def phase_tables(results: list[dict]) -> str:
+    """Each seed's phase diagram, cell by cell: the final checkpoint's composite and symmetric accuracy
+    (%) on the held-out pair (4, 3). The heatmap shows means; these show how far the seeds differ."""
+    scores = {r["name"]: r["eval"][0] for r in results}
+    seeds = sorted({int(name.rsplit("_s", 1)[1]) for name in scores})
+    lines = []
+    for seed in seeds:
+        cells = {(n, g): scores.get(f"L{n}_G{g}_s{seed}") for n in LAYERS for g in GAMMAS}
+        done = sum(cell is not None for cell in cells.values())
+        lines += ["", f"Phase diagram, seed {seed}, {done} of {len(cells)} cells: composite / symmetric (%) on (4, 3)", "",
+                  "| layers | | " + " | ".join(map(str, GAMMAS)) + " |", "|---|---|" + "---|" * len(GAMMAS)]
+        for n in LAYERS:
+            for key in ("composite", "symmetric"):
+                row = ["–" if cells[n, g] is None else f"{100 * cells[n, g][key]:.1f}" for g in GAMMAS]
+                lines.append(f"| {n if key == 'composite' else ''} | {key} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def heatmap(summary: dict[str, dict]) -> None:
     import numpy as np
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 3.6))
@@ -119,7 +137,7 @@ def main(args: Args) -> None:
         print("no results yet")
         return
     summary = summarize(results)
-    write_report(EXPERIMENT, summary, report(summary))
+    write_report(EXPERIMENT, summary, report(summary) + "\n" + phase_tables(results))
     heatmap(summary)
 
 
