@@ -45,6 +45,11 @@ class Args:
     """only aggregate what results/ holds for this grid"""
 
 
+def cell(layers: int, gamma: float) -> str:
+    """A phase-diagram cell's name, as its runs (`<cell>_s<seed>`) and the summary know it."""
+    return f"L{layers}_G{gamma}"
+
+
 def grid(args: Args) -> dict[str, list[str]]:
     epochs = ["--max-steps", str(args.epochs * STEPS_PER_EPOCH)]
     runs = {}
@@ -52,7 +57,7 @@ def grid(args: Args) -> dict[str, list[str]]:
         configs = {"best": [("L7_G1.0", BEST, [])],
                    "ablations": [("L7_G1.0_ones-conv", BEST, ["--ones-conv"]),
                                  ("L7_G1.0_pos-emb", BEST, ["--pos-emb"])],
-                   "phase": [(f"L{n}_G{g}", (n, g), []) for n in LAYERS for g in GAMMAS if (n, g) != BEST]}[group]
+                   "phase": [(cell(n, g), (n, g), []) for n in LAYERS for g in GAMMAS if (n, g) != BEST]}[group]
         for seed in range(args.seeds):
             for name, (layers, gamma), extra in configs:
                 runs[f"{name}_s{seed}"] = ["--task", "composite", "--decoder-layers", str(layers), "--gamma", str(gamma),
@@ -96,8 +101,8 @@ def phase_tables(results: list[dict]) -> str:
     seeds = sorted({int(name.rsplit("_s", 1)[1]) for name in scores})
     lines = []
     for seed in seeds:
-        cells = {(n, g): scores.get(f"L{n}_G{g}_s{seed}") for n in LAYERS for g in GAMMAS}
-        done = sum(cell is not None for cell in cells.values())
+        cells = {(n, g): scores.get(f"{cell(n, g)}_s{seed}") for n in LAYERS for g in GAMMAS}
+        done = sum(score is not None for score in cells.values())
         lines += ["", f"Phase diagram, seed {seed}, {done} of {len(cells)} cells: composite / symmetric (%) on (4, 3)", "",
                   "| layers | | " + " | ".join(map(str, GAMMAS)) + " |", "|---|---|" + "---|" * len(GAMMAS)]
         for n in LAYERS:
@@ -114,8 +119,8 @@ def heatmap(summary: dict[str, dict]) -> None:
         grid = np.full((len(LAYERS), len(GAMMAS)), np.nan)
         for i, n in enumerate(LAYERS):
             for j, g in enumerate(GAMMAS):
-                if f"L{n}_G{g}" in summary:
-                    grid[i, j] = summary[f"L{n}_G{g}"][key][0]
+                if cell(n, g) in summary:
+                    grid[i, j] = summary[cell(n, g)][key][0]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
         for i in range(len(LAYERS)):
             for j in range(len(GAMMAS)):
