@@ -1,8 +1,10 @@
 """Time one training step under each execution path, as nanoGPT's bench.py does for its model.
 
     python bench.py --num-pairs 128 --hybrid 0,2         # the default model, on one GPU
+    python bench.py --task composite --paths reference-compiled --profile   # the composite task's step
 
-Takes train.py's flags (its --impl and --compile are set per path here). For each path it builds
+Takes train.py's flags (its --impl and --compile are set per path here), with the composite task's
+defaults after --task composite, as train.py. For each path it builds
 the same model from the same seed, runs warm-up steps (compilation, Triton autotuning), then times
 `--steps` steps with CUDA events and reports the median, tokens/s, peak memory, an estimated MFU,
 and the speed relative to reference-eager (or to the first path that ran, where reference-eager
@@ -17,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 import tyro
 
-from hybrid import build_model
+import composite
 from mqar import TRAIN, make_batch
 from ssm import check_impl
-from train import TrainConfig, autocast_for, configure_optimizer, train_step
+from train import TrainConfig, autocast_for, build, configure_optimizer, default_for, train_step
 
 PATHS = {"reference-eager": ("reference", False), "reference-compiled": ("reference", True),
          "kernel-eager": ("kernel", False), "kernel-compiled": ("kernel", True)}
@@ -38,6 +40,8 @@ class BenchConfig:
     """timed steps; the table shows their median"""
     peak_tflops: float = 989.0
     """the GPU's dense BF16 peak for MFU (H100 SXM: 989; H200 is the same chip)"""
+    profile: bool = False
+    """after timing, print each path's costliest GPU kernels over 10 more steps (torch.profiler)"""
 
 
 def step_flops(model, tokens: int, labelled: int) -> float:
@@ -49,15 +53,24 @@ def step_flops(model, tokens: int, labelled: int) -> float:
     return 6 * (n - V * D) * tokens + 6 * V * D * labelled
 
 
-def bench_path(cfg: TrainConfig, impl: str, compile: bool, warmup: int, steps: int) -> dict:
+def batches(cfg: TrainConfig, device):
+    """step -> the training batch train.py draws at that step (MQAR: at the full --num-pairs, the
+    curriculum's last rung)."""
+    if cfg.task == "mqar":
+        return lambda i: make_batch(cfg.mqar, cfg.batch_size, TRAIN, cfg.seed, i, 0, device)
+    data = composite.train_set(cfg.composite, cfg.seed, device)
+    return lambda i: composite.train_batch(data, cfg.batch_size, i, cfg.seed)
+
+
+def bench_path(cfg: TrainConfig, impl: str, compile: bool, warmup: int, steps: int, profile: bool = False) -> dict:
     device = torch.device("cuda")
     check_impl(impl, device)
     torch.manual_seed(cfg.seed)
-    raw = build_model(dataclasses.replace(cfg.model, impl=impl), cfg.mqar.mode, device)
+    raw = build(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, impl=impl)), device)
     model = torch.compile(raw) if compile else raw
     optimizer = configure_optimizer(raw, cfg, device)
     autocast = autocast_for(device)
-    batch = lambda i: make_batch(cfg.mqar, cfg.batch_size, TRAIN, cfg.seed, i, 0, device)  # noqa: E731
+    batch = batches(cfg, device)
     for i in range(warmup):
         train_step(model, optimizer, batch(i), autocast, cfg.grad_clip)
     torch.cuda.synchronize()
@@ -71,6 +84,12 @@ def bench_path(cfg: TrainConfig, impl: str, compile: bool, warmup: int, steps: i
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
+    if profile:  # where the step's GPU time goes, kernel by kernel (Inductor's fused kernels by name)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for i in range(warmup + steps, warmup + steps + 10):
+                train_step(model, optimizer, batch(i), autocast, cfg.grad_clip)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15), flush=True)
     inputs, labels = batch(0)
     tokens = cfg.batch_size * sum(x.shape[1] for x in inputs)
     ms = statistics.median(times)
@@ -83,8 +102,6 @@ def main(cfg: BenchConfig) -> list[dict]:
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
         raise ValueError(f"--paths takes names from {', '.join(PATHS)}; got {', '.join(unknown)}")
-    if cfg.train.task != "mqar":
-        raise ValueError("bench.py times the MQAR training step: --task composite is not benched")
     if not torch.cuda.is_available():
         raise ValueError("bench.py times CUDA steps: it needs a GPU")
     cfg.train.validate()
@@ -93,7 +110,7 @@ def main(cfg: BenchConfig) -> list[dict]:
     for name in paths:
         impl, compile = PATHS[name]
         try:
-            r = bench_path(cfg.train, impl, compile, cfg.warmup, cfg.steps)
+            r = bench_path(cfg.train, impl, compile, cfg.warmup, cfg.steps, cfg.profile)
         except torch.OutOfMemoryError:  # e.g. Mamba1's reference scan, which keeps (B, L, E, N) states
             print(f"{name}: out of memory", flush=True)
             rows.append({"path": name, "ms": None})
@@ -104,9 +121,11 @@ def main(cfg: BenchConfig) -> list[dict]:
         print(f"{name}: {r['ms']:.2f} ms/step", flush=True)
     timed = [r for r in rows if r["ms"] is not None]
     base = next((r for r in timed if r["path"] == "reference-eager"), timed[0] if timed else None)
-    print(f"{torch.cuda.get_device_name()}, {cfg.train.mqar.mode}, num_pairs {cfg.train.mqar.num_pairs}, "
-          f"batch {cfg.train.batch_size}, d_model {cfg.train.model.d_model}, d_state {cfg.train.model.d_state}, "
-          f"{cfg.train.model.ssm}, decoder {cfg.train.model.decoder}, median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
+    t, m = cfg.train, cfg.train.model
+    task = (f"{t.mqar.mode}, num_pairs {t.mqar.num_pairs}, decoder {m.decoder}" if t.task == "mqar"
+            else f"composite, {m.decoder_layers} layers, gamma {t.composite.gamma}")
+    print(f"{torch.cuda.get_device_name()}, {task}, batch {t.batch_size}, d_model {m.d_model}, d_state {m.d_state}, "
+          f"{m.ssm}, median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
     print(f"| path | ms/step | tokens/s | peak memory (GiB) | MFU | speed vs {base['path'] if base else '-'} |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -120,7 +139,7 @@ def main(cfg: BenchConfig) -> list[dict]:
 
 
 if __name__ == "__main__":
-    config = tyro.cli(BenchConfig)
+    config = tyro.cli(BenchConfig, default=BenchConfig(train=default_for(None)))
     try:
         main(config)
     except ValueError as e:

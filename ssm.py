@@ -194,18 +194,24 @@ def ssd_reference(x, dt, A, B, C, chunk: int = REF_CHUNK):
         scores = torch.einsum("bcin,bcjn->bcij", C, B)[:, None] * decay  # (b, H, c, T, T)
         y_diag = torch.einsum("bhcij,bcjhp->bcihp", scores, x)  # (b, c, T, H, P)
 
-        # 2. The state each chunk leaves behind, as if it had started from zero.
+        # 2. The state each chunk leaves behind, as if it had started from zero. Only chunks 0..c-2 hand
+        #    theirs on: the last one's is never read (we return no final state), so a sequence that fits
+        #    in one chunk (the composite task's 8 tokens) skips steps 2-4 and their (b, H, P, N) states.
         decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, H, c, T)
-        states = torch.einsum("bcjn,bhcj,bcjhp->bchpn", B, decay_to_end, x)  # (b, c, H, P, N)
+        states = torch.einsum("bcjn,bhcj,bcjhp->bchpn",
+                              B[:, :-1], decay_to_end[:, :, :-1], x[:, :-1])  # (b, c-1, H, P, N)
 
-        # 3. Pass states between chunks: a recurrence over c, again as a segsum-masked product.
-        states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)  # (b, c+1, H, P, N)
-        chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, H, c+1, c+1)
-        states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)[:, :-1]  # state entering chunk
+        # 3. The state entering chunk z = 1..c-1: each earlier chunk k's, decayed over chunks k+1..z-1,
+        #    again as a segsum-masked product, now over the chunks' total log decays.
+        chunk_decay = torch.exp(segsum(a_cum[..., :-1, -1]))  # (b, H, c-1, c-1), row z-1 for chunk z
+        states = torch.einsum("bhzk,bkhpn->bzhpn", chunk_decay, states)  # (b, c-1, H, P, N)
 
-        # 4. What each position reads from the state that entered its chunk.
-        y_off = torch.einsum("bcin,bchpn,bhci->bcihp", C, states, torch.exp(a_cum))  # (b, c, T, H, P)
-        return (y_diag + y_off).reshape(b, c * T, H, P)[:, :L]  # (B, L, H, P)
+        # 4. What each position of chunks 1..c-1 reads from the state that entered its chunk; chunk 0
+        #    starts from zero and reads nothing.
+        y_off = torch.einsum("bcin,bchpn,bhci->bcihp",
+                             C[:, 1:], states, torch.exp(a_cum[:, :, 1:]))  # (b, c-1, T, H, P)
+        y = y_diag + F.pad(y_off, (0, 0, 0, 0, 0, 0, 1, 0))  # (b, c, T, H, P): zeros for chunk 0
+        return y.reshape(b, c * T, H, P)[:, :L]  # (B, L, H, P)
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -49,15 +49,16 @@ def recurrence(x, dt, A, B, C):
     return torch.stack(ys, dim=1)
 
 
-@pytest.mark.parametrize("L", [1, 37, 130])  # shorter than, equal-ish to, and over two chunks
-def test_ssd_reference_matches_recurrence(L):
+# One chunk (chunk 0 starts from zero and hands on nothing), exactly two, and several with padding.
+@pytest.mark.parametrize("L, chunk", [(1, 64), (37, 64), (130, 64), (16, 8), (37, 8)])
+def test_ssd_reference_matches_recurrence(L, chunk):
     g = torch.Generator().manual_seed(L)
     b, H, P, N = 2, 3, 4, 5
     x = torch.randn(b, L, H, P, generator=g, dtype=torch.float64)
     dt = torch.rand(b, L, H, generator=g, dtype=torch.float64)
     A = -torch.rand(H, generator=g, dtype=torch.float64) * 8
     B, C = (torch.randn(b, L, N, generator=g, dtype=torch.float64) for _ in range(2))
-    y = ssd_reference(x, dt, A, B, C)
+    y = ssd_reference(x, dt, A, B, C, chunk)
     # Mamba2 is Mamba1 with one A per head, shared by that head's P channels.
     expected = recurrence(x.flatten(2), dt.repeat_interleave(P, dim=2), A.repeat_interleave(P)[:, None], B, C)
     assert y.dtype == torch.float64
@@ -433,7 +434,7 @@ def test_eval_rejects_bad_checkpoints_in_one_line(tmp_path, content, message):
 
 def test_bench_reports_a_path_out_of_memory_and_times_the_rest_against_the_first(monkeypatch, capsys):
     """bench.py on a GPU, with the timing stubbed: its table logic is what runs here."""
-    def fake_path(cfg, impl, compile, warmup, steps):
+    def fake_path(cfg, impl, compile, warmup, steps, profile):
         if impl == "reference":
             raise torch.OutOfMemoryError("stub")
         return {"ms": 10.0 if compile else 20.0, "tokens": 1000, "flops": 1e12, "peak_gib": 1.0}
@@ -446,6 +447,23 @@ def test_bench_reports_a_path_out_of_memory_and_times_the_rest_against_the_first
     out = capsys.readouterr().out
     assert "| reference-eager | out of memory |" in out and "speed vs kernel-eager" in out
     assert "| kernel-compiled | 10.00 | 100,000 |" in out and "| 2.00x |" in out
+
+
+def test_bench_times_the_composite_task_from_its_defaults_and_batches(monkeypatch, capsys):
+    """bench.py --task composite starts from the paper's recipe, as train.py does, and times
+    train.py's own composite batches."""
+    cfg = tyro.cli(bench.BenchConfig, args=["--task", "composite", "--decoder-layers", "2"],
+                         default=bench.BenchConfig(train=bench.default_for(["--task", "composite"])))
+    assert (cfg.train.batch_size, cfg.train.model.ssm, cfg.train.model.d_model) == (2048, "mamba2", 32)
+    small = dataclasses.replace(cfg.train, batch_size=4, composite=dataclasses.replace(cfg.train.composite, num_train=64))
+    batch = bench.batches(small, torch.device("cpu"))(3)
+    assert batch.inputs[0].shape == (4, composite.SEQ_LEN) and batch.labels.shape == (4, 1)
+    monkeypatch.setattr(bench, "bench_path", lambda *args: {"ms": 5.0, "tokens": 1000, "flops": 1e12, "peak_gib": 1.0})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "stub GPU")
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)
+    bench.main(dataclasses.replace(cfg, paths="reference-compiled"))
+    assert "stub GPU, composite, 2 layers, gamma 1.0, batch 2048, d_model 32" in capsys.readouterr().out
 
 
 def test_experiment_grid_skips_only_results_with_the_same_flags(tmp_path, monkeypatch):

@@ -99,13 +99,18 @@ class TrainConfig:
         return {**dataclasses.asdict(self), "out_dir": str(self.out_dir)}
 
 
-def parse_args(args: list[str] | None = None) -> TrainConfig:
-    """tyro over TrainConfig, starting from the paper's recipe (composite.TRAIN_DEFAULTS) when
-    `--task composite` is given."""
+def default_for(args: list[str] | None) -> TrainConfig:
+    """The flags' starting point: the paper's recipe (composite.TRAIN_DEFAULTS) when `args` (None:
+    the command line) say `--task composite`, else TrainConfig's own defaults."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task", default="mqar")
     is_composite = pre.parse_known_args(args)[0].task == "composite"
-    return tyro.cli(TrainConfig, args=args, default=TrainConfig(**composite.TRAIN_DEFAULTS) if is_composite else None)
+    return TrainConfig(**composite.TRAIN_DEFAULTS) if is_composite else TrainConfig()
+
+
+def parse_args(args: list[str] | None = None) -> TrainConfig:
+    """tyro over TrainConfig, from `default_for(args)`."""
+    return tyro.cli(TrainConfig, args=args, default=default_for(args))
 
 
 def build(cfg: TrainConfig, device) -> torch.nn.Module:
