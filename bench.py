@@ -3,13 +3,13 @@
     python bench.py --num-pairs 128 --hybrid 0,2         # the default model, on one GPU
     python bench.py --task composite --paths reference-compiled --profile   # the composite task's step
 
-Takes train.py's flags (its --impl and --compile are set per path here), with the composite task's
-defaults after --task composite, as train.py. For each path it builds
-the same model from the same seed, runs warm-up steps (compilation, Triton autotuning), then times
-`--steps` steps with CUDA events and reports the median, tokens/s, peak memory, an estimated MFU,
-and the speed relative to reference-eager (or to the first path that ran, where reference-eager
-ran out of memory). The step is train.py's own `train_step`, data
-generation included. After warm-up, a recompile is an error.
+Takes train.py's flags (its --impl and --compile are set per path here), from the composite task's
+defaults after --task composite, as train.py does. For each path it builds the same model from the
+same seed, runs warm-up steps (compilation, Triton autotuning), then times `--steps` steps with
+CUDA events and reports the median, tokens/s, peak memory, an estimated MFU, and the speed
+relative to reference-eager (or to the first path that ran, where reference-eager ran out of
+memory). The step is train.py's own `train_step`, data generation included. After warm-up, a
+recompile is an error. --profile adds each path's costliest GPU kernels.
 """
 import dataclasses
 import gc
@@ -62,7 +62,7 @@ def batches(cfg: TrainConfig, device):
     return lambda i: composite.train_batch(data, cfg.batch_size, i, cfg.seed)
 
 
-def bench_path(cfg: TrainConfig, impl: str, compile: bool, warmup: int, steps: int, profile: bool = False) -> dict:
+def bench_path(cfg: TrainConfig, impl: str, compile: bool, warmup: int, steps: int, profile: bool) -> dict:
     device = torch.device("cuda")
     check_impl(impl, device)
     torch.manual_seed(cfg.seed)

@@ -453,7 +453,7 @@ def test_bench_times_the_composite_task_from_its_defaults_and_batches(monkeypatc
     """bench.py --task composite starts from the paper's recipe, as train.py does, and times
     train.py's own composite batches."""
     cfg = tyro.cli(bench.BenchConfig, args=["--task", "composite", "--decoder-layers", "2"],
-                         default=bench.BenchConfig(train=bench.default_for(["--task", "composite"])))
+                   default=bench.BenchConfig(train=bench.default_for(["--task", "composite"])))
     assert (cfg.train.batch_size, cfg.train.model.ssm, cfg.train.model.d_model) == (2048, "mamba2", 32)
     small = dataclasses.replace(cfg.train, batch_size=4, composite=dataclasses.replace(cfg.train.composite, num_train=64))
     batch = bench.batches(small, torch.device("cpu"))(3)
