@@ -195,8 +195,8 @@ def ssd_reference(x, dt, A, B, C, chunk: int = REF_CHUNK):
         y_diag = torch.einsum("bhcij,bcjhp->bcihp", scores, x)  # (b, c, T, H, P)
 
         # 2. The state each chunk leaves behind, as if it had started from zero. Only chunks 0..c-2 hand
-        #    theirs on: the last one's is never read (we return no final state), so a sequence that fits
-        #    in one chunk (the composite task's 8 tokens) skips steps 2-4 and their (b, H, P, N) states.
+        #    theirs on: the last one's is never read (we return no final state). For a sequence that fits
+        #    in one chunk (the composite task's 8 tokens) steps 2-4 work on empty tensors: no state is built.
         decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, H, c, T)
         states = torch.einsum("bcjn,bhcj,bcjhp->bchpn",
                               B[:, :-1], decay_to_end[:, :, :-1], x[:, :-1])  # (b, c-1, H, P, N)
