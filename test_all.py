@@ -25,7 +25,8 @@ from mempool import MemoryRead, Pool
 from mqar import (IGNORE, KEY_HI, KEY_LO, SEP, TEST, TRAIN, VAL_HI, VAL_LO, MQARConfig, batch_seed,
                   make_batch)
 from polar import PolarizedMamba, running_mean
-from ssm import (Mamba1, Mamba2, Residual, kernels, mamba_block, selective_scan_reference, ssd_reference)
+from ssm import (Mamba1, Mamba2, Residual, causal_conv, kernels, mamba_block, selective_scan_reference,
+                 ssd_reference)
 from train import TrainConfig, configure_optimizer, train
 
 torch.set_num_threads(2)
@@ -76,6 +77,22 @@ def test_selective_scan_reference_matches_recurrence(L):
     torch.testing.assert_close(selective_scan_reference(u, dt, A, B, C), recurrence(u, dt, A, B, C),
                                rtol=1e-10, atol=1e-10)
 
+
+
+@pytest.mark.parametrize("L", [1, 3, 8, 37])
+def test_causal_conv_is_the_left_padded_depthwise_conv1d(L):
+    """ssm.causal_conv's shifted multiply-adds against PyTorch's depthwise Conv1d (the form the
+    kernels' causal-conv1d implements), forward and gradients, with L shorter and longer than K."""
+    g = torch.Generator().manual_seed(L)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).double()
+    x = torch.randn(2, L, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = causal_conv(x, conv)
+    expected = torch.nn.functional.silu(conv(x.transpose(1, 2))[..., :L].transpose(1, 2))
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(y.square().sum(), [x, conv.weight, conv.bias])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, conv.weight, conv.bias])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 # ---- causality: a change at position t may only move outputs at t and later
 
