@@ -78,7 +78,6 @@ def test_selective_scan_reference_matches_recurrence(L):
                                rtol=1e-10, atol=1e-10)
 
 
-
 @pytest.mark.parametrize("L", [1, 3, 8, 37])
 def test_causal_conv_is_the_left_padded_depthwise_conv1d(L):
     """ssm.causal_conv's shifted multiply-adds against PyTorch's depthwise Conv1d (the form the
@@ -93,6 +92,7 @@ def test_causal_conv_is_the_left_padded_depthwise_conv1d(L):
     expected_grads = torch.autograd.grad(expected.square().sum(), [x, conv.weight, conv.bias])
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
 
 # ---- causality: a change at position t may only move outputs at t and later
 
